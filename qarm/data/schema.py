@@ -48,7 +48,8 @@ CATEGORY = "category"
 CREATED_AT = "created_at"
 # Added by preparation (splits and negative sampling).
 SPLIT = "split"
-COLD_ITEM = "cold_item"
+COLD_ITEM = "cold_item"  # on interactions: the event's item is held out as cold-start
+COLD_START = "cold_start"  # on items: the item is held out as cold-start
 SAMPLED_NEGATIVE = "sampled_negative"
 LONGTAIL_GROUP = "longtail_group"
 

@@ -1,0 +1,146 @@
+"""The ``qarm`` command line: each command parses its arguments and calls one library function."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.markdown import Markdown
+
+from qarm.config import from_dict, load_yaml
+from qarm.errors import ConfigError, QarmError
+
+app = typer.Typer(help="qarm: multi-modal recommendation with trainable semantic-ID codes.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Datasets: list loaders, prepare a dataset folder, describe it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override an option: KEY=VALUE (loader options), or split.KEY=VALUE / "
+                               "negatives.KEY=VALUE. Values are read as YAML (3, 0.5, true, text)."),
+]
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", help="YAML file with sections 'loader', 'split', 'negatives'."),
+]
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def parse_overrides(config_file: Path | None, overrides: list[str] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return (loader options, prepare config dict) from a YAML file and ``--set`` overrides."""
+    loader: dict[str, Any] = {}
+    prepare: dict[str, Any] = {}
+    if config_file is not None:
+        data = load_yaml(config_file)
+        unknown = sorted(set(data) - {"loader", "split", "negatives"})
+        if unknown:
+            raise ConfigError(f"{config_file}: unknown section(s) {unknown}; allowed: loader, split, negatives")
+        loader.update(data.get("loader") or {})
+        prepare.update({k: data[k] for k in ("split", "negatives") if k in data})
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        value = yaml.safe_load(raw) if raw else ""
+        section, dot, name = key.partition(".")
+        if dot and section in ("split", "negatives"):
+            prepare.setdefault(section, {})[name] = value
+        elif dot:
+            raise ConfigError(f"--set {key}: unknown section {section!r}; use split.KEY, negatives.KEY or a loader KEY")
+        else:
+            loader[key] = value
+    return loader, prepare
+
+
+@app.command()
+def run(
+    dataset: Annotated[str, typer.Option(help="Dataset name (see `qarm data list`).")] = "synthetic",
+    source: Annotated[Path | None, typer.Option(help="Where the dataset's original files are.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<dataset>).")] = None,
+    fresh: Annotated[bool, typer.Option(help="Ignore the stage cache and run every stage.")] = False,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Run the pipeline end to end (the embedded synthetic default needs no download)."""
+    from qarm.pipeline import run_config_from_dict, run_pipeline
+
+    try:
+        loader, prepare = parse_overrides(config, set_)
+        run_config = run_config_from_dict({"dataset": dataset, "source": str(source) if source else None,
+                                           "loader_options": loader, "prepare": prepare})
+        out = out or Path("runs") / dataset
+        with console.status(f"qarm run on {dataset} ..."):
+            run_pipeline(run_config, out, fresh=fresh, log=lambda msg: console.print(msg, highlight=False))
+    except QarmError as exc:
+        _fail(exc)
+    console.print(f"report: {out / 'report.md'}")
+    Console().print(Markdown((out / "report.md").read_text()))
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """List the dataset loaders."""
+    from qarm.data.loaders import LOADERS
+
+    for name, spec in sorted(LOADERS.items()):
+        typer.echo(f"{name:18s} {spec.description}")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    dataset: Annotated[str, typer.Option(help="Dataset name (see `qarm data list`).")],
+    out: Annotated[Path, typer.Option(help="Output dataset folder.")],
+    source: Annotated[Path | None, typer.Option(help="Original files (default: ../shared/data/<folder>).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Load a dataset from its original files, split it, sample negatives, and write a dataset folder."""
+    from qarm.data.describe import describe_dataset, render_markdown
+    from qarm.data.prepare import PrepareConfig, prepare
+
+    try:
+        loader, prepare_dict = parse_overrides(config, set_)
+        prepare_config = from_dict(PrepareConfig, prepare_dict, where="prepare config")
+        with console.status(f"preparing {dataset} ..."):
+            path, ds, timings = prepare(dataset, out, source=source, loader_options=loader,
+                                        config=prepare_config, overwrite=overwrite)
+    except QarmError as exc:
+        _fail(exc)
+    console.print(f"wrote {path} (" + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) + ")")
+    Console().print(Markdown(render_markdown(describe_dataset(ds))))
+
+
+@data_app.command("describe")
+def data_describe(
+    path: Annotated[Path, typer.Argument(help="A dataset folder written by `qarm data prepare`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Users, items, interactions, density, label rates, sequence lengths, modality dims, splits."""
+    from qarm.data.describe import describe_dataset, render_markdown
+    from qarm.data.io import load_dataset
+
+    try:
+        stats = describe_dataset(load_dataset(path))
+    except QarmError as exc:
+        _fail(exc)
+    if as_json:
+        json.dump(stats, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        Console().print(Markdown(render_markdown(stats)))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -59,7 +59,8 @@ def load_frappe(source: Path, config: FrappeConfig) -> Dataset:
     parts = [read_libfm(path) for path in paths.values()]
     labels = np.concatenate([label for label, _ in parts])
     features = np.concatenate([feats for _, feats in parts])
-    check_field_ranges(features, file=" + ".join(str(p) for p in paths.values()))
+    files = " + ".join(str(p) for p in paths.values())
+    check_field_ranges(features, file=files)
 
     part_names = np.repeat(list(paths), [len(label) for label, _ in parts])
     interactions = pd.DataFrame({
@@ -87,8 +88,7 @@ def load_frappe(source: Path, config: FrappeConfig) -> Dataset:
             f"test on {SOURCE_PART} == 'test'",
         ],
     )
-    return assemble(items=items, interactions=interactions, meta=meta, items_file=str(paths["validation"]),
-                    interactions_file=str(paths["validation"]))
+    return assemble(items=items, interactions=interactions, meta=meta, items_file=files, interactions_file=files)
 
 
 def read_libfm(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -107,10 +107,9 @@ def read_libfm(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if bad.any():
         raise DataError(f"{path}: labels must be -1 or 1 (line numbers)", ids=np.flatnonzero(bad) + 1)
 
-    pairs = pd.Series(raw.iloc[:, 1:].to_numpy().ravel()).str.split(":", n=1, expand=True)
+    pairs = pd.Series(raw.iloc[:, 1:].to_numpy().ravel()).str.partition(":")
     ids = pd.to_numeric(pairs[0], errors="coerce").to_numpy()
-    values = pairs[1].to_numpy() if pairs.shape[1] > 1 else np.full(len(pairs), None)
-    bad = np.isnan(ids) | (values != "1")
+    bad = np.isnan(ids) | (pairs[2].to_numpy() != "1")
     if bad.any():
         lines = np.unique(np.flatnonzero(bad) // len(FIELDS)) + 1
         raise DataError(f"{path}: expected one-hot 'feature_id:1' pairs (line numbers)", ids=lines)

@@ -1,0 +1,87 @@
+"""The CLI end to end on small generated data: prepare, describe, run (with its stage cache), errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from qarm.cli import app
+
+runner = CliRunner()
+SMALL = ["--set", "n_items=400", "--set", "n_users=100", "--set", "n_interactions=5000"]
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_data_list_names_every_loader():
+    result = invoke("data", "list")
+    assert result.exit_code == 0
+    for name in ("synthetic", "microlens50k", "ml-latest-small", "ml100k", "lastfm2k", "frappe", "amazon", "generic"):
+        assert name in result.output
+
+
+def test_prepare_then_describe_json(tmp_path: Path):
+    out = tmp_path / "syn"
+    result = invoke("data", "prepare", "--dataset", "synthetic", "--out", str(out), *SMALL,
+                    "--set", "split.cold_item_fraction=0.2")
+    assert result.exit_code == 0, result.output
+    result = invoke("data", "describe", str(out), "--json")
+    stats = json.loads(result.output)
+    assert (stats["users"], stats["items"], stats["interactions"]) == (100, 400, 5000)
+    assert stats["splits"]["prepared"]["split"]["strategy"] == "time"
+    assert stats["splits"]["prepared"]["split"]["cold_item_fraction"] == 0.2
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["config"]["prepare"]["split"]["cold_item_fraction"] == 0.2
+    assert meta["config"]["n_items"] == 400 and meta["seed"] == 0
+
+
+def test_unknown_dataset_lists_the_available_ones(tmp_path: Path):
+    result = invoke("data", "prepare", "--dataset", "movielens-10m", "--out", str(tmp_path / "x"))
+    assert result.exit_code == 2
+    assert "unknown dataset 'movielens-10m'; available: [" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_options_are_named(tmp_path: Path):
+    result = invoke("data", "prepare", "--dataset", "synthetic", "--out", str(tmp_path / "x"), "--set", "n_itemz=5")
+    assert result.exit_code == 2
+    assert "unknown key(s) ['n_itemz'] for SyntheticConfig" in result.output
+    result = invoke("data", "prepare", "--dataset", "synthetic", "--out", str(tmp_path / "x"), "--set", "seed")
+    assert "--set expects KEY=VALUE, got 'seed'" in result.output
+    result = invoke("data", "prepare", "--dataset", "synthetic", "--out", str(tmp_path / "x"),
+                    "--set", "negatives.ratio=0")
+    assert "The 'ratio' parameter of NegativeConfig must be an int >= 1. Got 0 instead." in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_source_is_a_clear_error(tmp_path: Path):
+    result = invoke("data", "prepare", "--dataset", "microlens50k", "--source", str(tmp_path / "nope"),
+                    "--out", str(tmp_path / "x"))
+    assert result.exit_code == 2
+    assert "source not found for dataset 'microlens50k'" in result.output
+
+
+def test_describe_a_folder_that_is_not_a_dataset(tmp_path: Path):
+    result = invoke("data", "describe", str(tmp_path))
+    assert result.exit_code == 2
+    assert "meta.json: missing" in result.output
+
+
+def test_run_writes_reports_and_caches_prepare(tmp_path: Path):
+    out = tmp_path / "run"
+    result = invoke("run", "--out", str(out), *SMALL)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"]["prepare"] == "ran"
+    assert report["stages"]["quantize"] == "not built yet"
+    assert report["data"]["items"] == 400
+    assert "qarm run report" in (out / "report.md").read_text()
+    again = invoke("run", "--out", str(out), *SMALL)
+    assert "prepare: cached" in again.output
+    changed = invoke("run", "--out", str(out), *SMALL[:-2], "--set", "n_interactions=6000")
+    assert "prepare: cached" not in changed.output
+    assert json.loads((out / "report.json").read_text())["data"]["interactions"] == 6000

@@ -47,15 +47,7 @@ def assemble(
         instead of raising.
     *_file : the source file names used in error messages.
     """
-    items = items.reset_index(drop=True).copy()
-    if S.SOURCE_ID not in items.columns:
-        raise DataError("missing column", file=items_file, column=S.SOURCE_ID)
-    items[S.SOURCE_ID] = items[S.SOURCE_ID].astype(str)
-    duplicated = items[S.SOURCE_ID].duplicated(keep=False)
-    if duplicated.any():
-        raise DataError("duplicate item ids", file=items_file, column=S.SOURCE_ID,
-                        ids=items.loc[duplicated, S.SOURCE_ID].unique())
-    items.insert(0, S.ITEM_ID, np.arange(len(items), dtype=np.int64))
+    items = _with_dense_ids(items, S.ITEM_ID, items_file, "item")
 
     inter = interactions.reset_index(drop=True)
     for column in (item_key, user_key, S.TIME):
@@ -78,16 +70,7 @@ def assemble(
     user_source = inter[user_key].astype(str)
     if users is None:
         users = pd.DataFrame({S.SOURCE_ID: pd.unique(user_source)})
-    else:
-        users = users.reset_index(drop=True).copy()
-        if S.SOURCE_ID not in users.columns:
-            raise DataError("missing column", file=users_file, column=S.SOURCE_ID)
-        users[S.SOURCE_ID] = users[S.SOURCE_ID].astype(str)
-        dup = users[S.SOURCE_ID].duplicated(keep=False)
-        if dup.any():
-            raise DataError("duplicate user ids", file=users_file, column=S.SOURCE_ID,
-                            ids=users.loc[dup, S.SOURCE_ID].unique())
-    users.insert(0, S.USER_ID, np.arange(len(users), dtype=np.int64))
+    users = _with_dense_ids(users, S.USER_ID, users_file, "user")
     user_codes = pd.Index(users[S.SOURCE_ID]).get_indexer(user_source)
     if (user_codes < 0).any():
         raise DataError(f"user ids not found in {users_file}", file=interactions_file, column=user_key,
@@ -115,6 +98,20 @@ def assemble(
     dataset = Dataset(items=items, interactions=out, users=users, meta=meta, item_vectors=dict(item_vectors or {}))
     dataset.meta.counts = dataset.compute_counts()
     return validate_dataset(dataset)
+
+
+def _with_dense_ids(table: pd.DataFrame, id_column: str, file: str, what: str) -> pd.DataFrame:
+    """A copy of ``table`` with string ``source_id`` (unique, or a DataError) and dense ids in front."""
+    table = table.reset_index(drop=True).copy()
+    if S.SOURCE_ID not in table.columns:
+        raise DataError("missing column", file=file, column=S.SOURCE_ID)
+    table[S.SOURCE_ID] = table[S.SOURCE_ID].astype(str)
+    duplicated = table[S.SOURCE_ID].duplicated(keep=False)
+    if duplicated.any():
+        raise DataError(f"duplicate {what} ids", file=file, column=S.SOURCE_ID,
+                        ids=table.loc[duplicated, S.SOURCE_ID].unique())
+    table.insert(0, id_column, np.arange(len(table), dtype=np.int64))
+    return table
 
 
 def sequence_numbers(sorted_user_ids: np.ndarray) -> np.ndarray:

@@ -37,6 +37,32 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def parse_sets(overrides: list[str] | None) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}``; values are read as YAML."""
+    out: dict[str, Any] = {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        *parents, name = key.split(".")
+        node = out
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part!r} is set to a value and cannot also have keys")
+            node = child
+        node[name] = yaml.safe_load(raw) if raw else ""
+    return out
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge of two option dicts (``extra`` wins)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def parse_overrides(config_file: Path | None, overrides: list[str] | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Return (loader options, prepare config dict) from a YAML file and ``--set`` overrides."""
     loader: dict[str, Any] = {}
@@ -48,16 +74,11 @@ def parse_overrides(config_file: Path | None, overrides: list[str] | None) -> tu
             raise ConfigError(f"{config_file}: unknown section(s) {unknown}; allowed: loader, split, negatives")
         loader.update(data.get("loader") or {})
         prepare.update({k: data[k] for k in ("split", "negatives") if k in data})
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        value = yaml.safe_load(raw) if raw else ""
-        section, dot, name = key.partition(".")
-        if dot and section in ("split", "negatives"):
-            prepare.setdefault(section, {})[name] = value
-        elif dot:
-            raise ConfigError(f"--set {key}: unknown section {section!r}; use split.KEY, negatives.KEY or a loader KEY")
+    for key, value in parse_sets(overrides).items():
+        if key in ("split", "negatives"):
+            prepare[key] = merge(prepare.get(key, {}), value)
+        elif isinstance(value, dict):
+            raise ConfigError(f"--set {key}.*: unknown section {key!r}; use split.KEY, negatives.KEY or a loader KEY")
         else:
             loader[key] = value
     return loader, prepare
@@ -140,6 +161,75 @@ def data_describe(
         sys.stdout.write("\n")
     else:
         Console().print(Markdown(render_markdown(stats)))
+
+
+codes_app = typer.Typer(help="Codes: inspect a quantize folder, code new items, publish to a store.",
+                        no_args_is_help=True)
+app.add_typer(codes_app, name="codes")
+
+
+def _quantize_config(config_file: Path | None, overrides: list[str] | None):
+    from qarm.quantize.api import QuantizeConfig
+
+    data = load_yaml(config_file) if config_file else {}
+    return from_dict(QuantizeConfig, merge(data, parse_sets(overrides)), where="quantize config")
+
+
+@app.command()
+def quantize(
+    data: Annotated[Path, typer.Argument(help="A dataset folder whose items have a vector column.")],
+    out: Annotated[Path, typer.Option(help="Output quantize folder.")],
+    vectors: Annotated[str | None, typer.Option(help="Vector column to quantize (default: the only one).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML with sections 'vq', 'rq'.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="vq.KEY=VALUE or rq.KEY=VALUE, e.g. rq.levels=4")] = None,
+) -> None:
+    """VQ (top-K neighbour) and RQ (residual k-means) codes for every item, with a quality report."""
+    from qarm.quantize.api import quantize_dataset
+
+    try:
+        summary = quantize_dataset(data, out, _quantize_config(config, set_), vectors=vectors, overwrite=overwrite,
+                                   log=lambda msg: console.print(msg, highlight=False), progress=True)
+    except QarmError as exc:
+        _fail(exc)
+    console.print(f"wrote {out} (codes version {summary.get('codes_version', '?')})")
+    Console().print(Markdown((out / "quality.md").read_text()))
+
+
+@codes_app.command("inspect")
+def codes_inspect(
+    folder: Annotated[Path, typer.Argument(help="A quantize folder written by `qarm quantize`.")],
+    store: Annotated[str | None, typer.Option(help="Also check a code store: a SQLite file or redis://host:port/db.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of Markdown.")] = False,
+) -> None:
+    """Code quality: utilisation, entropy, reconstruction error, collisions, category purity, ANN overlap."""
+    from qarm.quantize.api import inspect_codes, render_inspect_markdown
+
+    try:
+        report = inspect_codes(folder, store=store)
+    except QarmError as exc:
+        _fail(exc)
+    if as_json:
+        json.dump(report, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        Console().print(Markdown(render_inspect_markdown(report)))
+
+
+@codes_app.command("publish")
+def codes_publish(
+    folder: Annotated[Path, typer.Argument(help="A quantize folder.")],
+    to: Annotated[str, typer.Option(help="Target store: a SQLite file or redis://host:port/db.")],
+    replace: Annotated[bool, typer.Option(help="Swap a store that holds another codes version.")] = False,
+) -> None:
+    """Copy a folder's codes into a code store (atomic; versions never mix)."""
+    from qarm.quantize.api import publish_codes
+
+    try:
+        info = publish_codes(folder, to, replace=replace)
+    except QarmError as exc:
+        _fail(exc)
+    console.print(f"published: {info}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -85,3 +85,25 @@ def test_run_writes_reports_and_caches_prepare(tmp_path: Path):
     changed = invoke("run", "--out", str(out), *SMALL[:-2], "--set", "n_interactions=6000")
     assert "prepare: cached" not in changed.output
     assert json.loads((out / "report.json").read_text())["data"]["interactions"] == 6000
+
+
+def test_quantize_and_inspect_a_dataset_with_vectors(tmp_path: Path):
+    import numpy as np
+
+    from qarm.data.io import save_dataset
+    from qarm.data.prepare import prepare_dataset
+    from qarm.data.synthetic import SyntheticConfig, generate
+
+    ds = prepare_dataset(generate(SyntheticConfig(n_items=600, n_users=100, n_interactions=5000)))
+    business = ds.ground_truth["items"][[f"b{i}" for i in range(16)]].to_numpy(np.float32)
+    ds.item_vectors["business"] = business
+    save_dataset(ds, tmp_path / "data")
+    out = tmp_path / "codes"
+    result = invoke("quantize", str(tmp_path / "data"), "--out", str(out), "--set", "rq.codebook_size=8",
+                    "--set", "rq.levels=3", "--set", "vq.k=5")
+    assert result.exit_code == 0, result.output
+    report = json.loads(invoke("codes", "inspect", str(out), "--json").output)
+    assert report["quality"]["rq"]["levels"][0]["codebook_size"] == 8
+    assert len(report["quality"]["rq"]["levels"]) == 3
+    bad = invoke("quantize", str(tmp_path / "data"), "--out", str(tmp_path / "x"), "--set", "rq.levels=0")
+    assert bad.exit_code == 2 and "The 'levels' parameter of ResidualKMeans must be an int >= 1. Got 0" in bad.output

@@ -1,0 +1,617 @@
+"""Alignment training: symmetric in-batch InfoNCE over item2item (trigger, target) pairs.
+
+QARM's alignment step fine-tunes the content encoder so that items users treat alike (mined
+item2item pairs) get close vectors. A batch is ``B`` pairs; both items of every pair go through the
+:class:`~qarm.encode.content.ContentEncoder` (text model with its top layers trainable, plus the fusion
+head) and the loss is :func:`info_nce`. The model is not the trainer: the encoder maps content to
+vectors; :func:`train_alignment` owns the loop, the optimiser, evaluation, early stopping and the
+checkpoints.
+
+Loss
+----
+With ``a``, ``b`` the L2-normalised ``(B, d)`` vectors of triggers and targets and ``tau`` the
+temperature, ``S = a b^T / tau`` and::
+
+    L = 1/2 [ mean_i -log softmax_j(S_ij)[i]  +  mean_i -log softmax_j(S_ji)[i] ]
+
+(trigger -> target and target -> trigger; every other item of the batch is a negative).
+
+False negatives. With popular items a batch often holds the same item twice. For the row of pair ``i``
+a candidate ``j != i`` is masked out of the softmax (logit -inf) when it is the anchor item itself or
+a positive of the anchor within the batch: the same target twice, the same trigger with another target
+(that target is also its positive), or the reverse pair. Pairs are treated as undirected (item2item
+similarity is symmetric). The diagonal is never masked. Without this the loss would push an item away
+from itself or from a known neighbour, and it could not reach zero even for perfect vectors.
+
+Budget
+------
+Training is a budget of steps (``max_steps``, optionally ``max_epochs`` and a wall ``time_budget_s``),
+not full epochs: MicroLens-50k has 19k items and 10^5+ pairs, and the whole stage must fit 15 minutes on
+2 cores. The lower transformer layers are frozen (``trainable_layers``) so a 64-pair step costs ~0.7 s.
+
+Checkpoints and resume
+----------------------
+Every ``checkpoint_every`` steps (and when training stops) ``out_dir/checkpoint.pt`` is written
+atomically: the trainable tensors and the head, the AdamW and scheduler states, the torch RNG state
+(dropout), the step, the early-stopping state and the history, plus the config, the encoder record and
+a digest of the pairs. It holds only tensors and plain data and is read with
+``torch.load(weights_only=True)``: no pickle code runs. Batches are a pure function of ``(seed, step)``
+(one seeded permutation of the pairs per epoch), so ``resume=True`` continues exactly where the
+checkpoint left off and ends where an uninterrupted run would (up to float rounding). The best
+evaluation's weights are kept in ``best.safetensors``; training returns the encoder with those weights.
+A checkpoint from another config (``time_budget_s`` aside), another encoder or other pairs is refused.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.numpy import load_file as load_numpy_file
+from safetensors.numpy import save as save_numpy
+from safetensors.torch import save as save_torch
+
+from qarm.config import from_dict, to_dict
+from qarm.data.io import atomic_write_bytes
+from qarm.data.schema import Dataset
+from qarm.encode._progress import progress_bar
+from qarm.encode.cache import VectorCache, digest_arrays
+from qarm.encode.content import ContentEncoder, ContentEncoderConfig, ItemInputs, encode_items, save_encoder
+from qarm.errors import ConfigError, DataError, QarmError
+
+TRIGGER = "trigger"
+TARGET = "target"
+CHECKPOINT_FILE = "checkpoint.pt"
+BEST_FILE = "best.safetensors"
+VECTORS_FILE = "vectors.safetensors"
+RECORD_FILE = "alignment.json"
+Monitor = Literal["holdout_loss", "holdout_recall@10"]
+_RESUMABLE_KEYS_IGNORED = ("time_budget_s",)  # may change between a run and its resume
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss
+
+
+def false_negative_mask(a_ids: torch.Tensor, b_ids: torch.Tensor) -> torch.Tensor:
+    """``(B, B)`` bool mask of the trigger -> target logits to drop (see the module docstring).
+
+    ``mask[i, j]`` (``j != i``) is True when item ``b_ids[j]`` is the anchor ``a_ids[i]`` itself or is
+    paired with it somewhere in the batch (in either direction). The target -> trigger mask is its
+    transpose, because the relation is symmetric.
+    """
+    a_ids = torch.as_tensor(a_ids, dtype=torch.int64)
+    b_ids = torch.as_tensor(b_ids, dtype=torch.int64)
+    span = int(torch.cat([a_ids, b_ids]).max()) + 1
+    related = torch.cat([a_ids * span + b_ids, b_ids * span + a_ids])  # undirected in-batch pairs
+    candidate = a_ids[:, None] * span + b_ids[None, :]  # (anchor a_i, candidate b_j)
+    mask = torch.isin(candidate, related) | (a_ids[:, None] == b_ids[None, :])
+    mask.fill_diagonal_(False)
+    return mask
+
+
+def info_nce(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    temperature: float = 0.05,
+    a_ids: torch.Tensor | np.ndarray | None = None,
+    b_ids: torch.Tensor | np.ndarray | None = None,
+) -> torch.Tensor:
+    """Symmetric in-batch InfoNCE of row-aligned pairs ``(a[i], b[i])``.
+
+    Parameters
+    ----------
+    a, b : (B, d) float tensors, L2-normalised (cosine = dot product); row ``i`` of both is a positive pair.
+    temperature : float > 0, the softmax temperature ``tau`` (logits are ``a b^T / tau``).
+    a_ids, b_ids : (B,) item ids of the rows; when given, false negatives are masked (module docstring).
+
+    Returns
+    -------
+    Scalar tensor: the mean of the trigger -> target and target -> trigger cross-entropies.
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ConfigError(f"The 'temperature' parameter of info_nce must be > 0. Got {temperature!r} instead.")
+    if a.ndim != 2 or a.shape != b.shape or a.shape[0] < 1:
+        raise ValueError(f"a and b must both be (B, d) with B >= 1, got {tuple(a.shape)} and {tuple(b.shape)}")
+    logits = a @ b.T / temperature
+    if (a_ids is None) != (b_ids is None):
+        raise ValueError("pass both a_ids and b_ids, or neither")
+    logits_ba = logits.T
+    if a_ids is not None:
+        a_ids = torch.as_tensor(np.asarray(a_ids) if not isinstance(a_ids, torch.Tensor) else a_ids)
+        b_ids = torch.as_tensor(np.asarray(b_ids) if not isinstance(b_ids, torch.Tensor) else b_ids)
+        if a_ids.shape != (a.shape[0],) or b_ids.shape != (a.shape[0],):
+            raise ValueError(f"a_ids and b_ids must be ({a.shape[0]},), got {tuple(a_ids.shape)} and "
+                             f"{tuple(b_ids.shape)}")
+        mask = false_negative_mask(a_ids, b_ids).to(logits.device)
+        logits = logits.masked_fill(mask, float("-inf"))
+        logits_ba = logits_ba.masked_fill(mask.T, float("-inf"))
+    labels = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (torch.nn.functional.cross_entropy(logits, labels)
+                  + torch.nn.functional.cross_entropy(logits_ba, labels))
+
+
+# --------------------------------------------------------------------------------------------------
+# Config and history
+
+
+@dataclass
+class AlignConfig:
+    """Alignment training. Defaults fit MicroLens-50k's whole stage into 15 minutes on 2 CPU cores."""
+
+    temperature: float = 0.05  # SimCSE's and sentence-transformers' MNRL default (scale 20) for in-batch negatives
+    batch_size: int = 64  # pairs per step: 63 negatives per direction, ~0.7 s per step on 2 cores
+    max_steps: int = 500  # the budget: ~6 min of steps on 2 cores; 32k pairs seen
+    max_epochs: float | None = None  # optional cap in passes over the training pairs (small pair sets)
+    time_budget_s: float | None = 600.0  # guard: 10 min of training leaves 5 for the two encoding passes
+    lr: float = 5e-5  # transformer layers: above BERT's usual 2e-5 because a few hundred steps must count
+    head_lr: float = 1e-3  # the fusion head is small and PCA-initialised: it may move fast
+    weight_decay: float = 0.01  # the usual AdamW decay of BERT fine-tuning
+    warmup_steps: int = 50  # linear warm-up (10% of max_steps) then linear decay to 0: no early shock
+    trainable_layers: int | Literal["all"] = 2  # top 2 of MiniLM's 6: ~1/3 of the backward cost of all layers
+    grad_clip: float | None = 1.0  # clip the global grad norm: contrastive losses spike on odd batches
+    eval_every: int = 100  # steps between held-out evaluations (each ~5-10 s on MicroLens)
+    eval_pairs: int = 1024  # held-out pairs per evaluation (fixed seeded sample): a stable, cheap estimate
+    monitor: Monitor = "holdout_loss"  # early-stopping metric (loss: lower is better; recall: higher)
+    patience: int = 3  # evaluations without improvement before stopping
+    min_delta: float = 1e-4  # the smallest change that counts as an improvement
+    checkpoint_every: int = 100  # steps between checkpoints (also written when training stops)
+    seed: int = 0  # batch order (per-epoch permutations), eval sample and dropout
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+
+        def bad(param: str, what: str) -> ConfigError:
+            return ConfigError(f"The '{param}' parameter of {name} must be {what}. "
+                               f"Got {getattr(self, param)!r} instead.")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not is_num(self.temperature) or not self.temperature > 0:
+            raise bad("temperature", "> 0")
+        for param, low in (("batch_size", 2), ("max_steps", 1), ("eval_every", 1), ("eval_pairs", 2),
+                           ("checkpoint_every", 1), ("patience", 1), ("warmup_steps", 0)):
+            if not is_int(getattr(self, param)) or getattr(self, param) < low:
+                raise bad(param, f"an int >= {low}")
+        if not is_int(self.seed):
+            raise bad("seed", "an int")
+        for param in ("lr", "head_lr"):
+            if not is_num(getattr(self, param)) or not getattr(self, param) > 0:
+                raise bad(param, "> 0")
+        for param in ("weight_decay", "min_delta"):
+            if not is_num(getattr(self, param)) or getattr(self, param) < 0:
+                raise bad(param, ">= 0")
+        for param in ("max_epochs", "time_budget_s", "grad_clip"):
+            value = getattr(self, param)
+            if value is not None and (not is_num(value) or not value > 0):
+                raise bad(param, "> 0 or None")
+        if self.trainable_layers != "all" and (not is_int(self.trainable_layers) or self.trainable_layers < 0):
+            raise bad("trainable_layers", "'all' or an int >= 0")
+        if self.monitor not in ("holdout_loss", "holdout_recall@10"):
+            raise bad("monitor", "'holdout_loss' or 'holdout_recall@10'")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> AlignConfig:
+        return from_dict(cls, data, where="align")
+
+
+@dataclass
+class AlignHistory:
+    """What happened during training (JSON-ready through :meth:`to_dict`).
+
+    ``steps``: one ``{"step", "loss", "lr"}`` per optimiser step (step counts from 1);
+    ``evals``: ``{"step", "holdout_loss", "holdout_recall@10", "pool_items", "seconds"}``, step 0 being
+    the pre-trained encoder; ``stopped``: ``"max_steps"``, ``"max_epochs"``, ``"early_stopping"``,
+    ``"time_budget"`` or ``""`` while running.
+    """
+
+    steps: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    best_step: int | None = None
+    best_metric: float | None = None
+    stopped: str = ""
+    resumed_from: list[int] = field(default_factory=list)
+    train_seconds: float = 0.0
+    n_train_pairs: int = 0
+    n_holdout_pairs: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AlignHistory:
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def check_pairs(pairs: pd.DataFrame, n_items: int, *, name: str = "pairs") -> tuple[np.ndarray, np.ndarray]:
+    """``(trigger, target)`` int64 arrays of a pairs DataFrame, self-pairs dropped; extra columns ignored."""
+    if not isinstance(pairs, pd.DataFrame):
+        raise DataError(f"{name} must be a pandas DataFrame with columns 'trigger' and 'target', "
+                        f"got {type(pairs).__name__}")
+    missing = [c for c in (TRIGGER, TARGET) if c not in pairs.columns]
+    if missing:
+        raise DataError(f"{name} lacks columns {missing}; it has {list(pairs.columns)}")
+    out = []
+    for column in (TRIGGER, TARGET):
+        values = pairs[column].to_numpy()
+        if not np.issubdtype(values.dtype, np.integer):
+            raise DataError(f"{name}: item ids must be integers, got dtype {values.dtype}", column=column)
+        bad = np.flatnonzero((values < 0) | (values >= n_items))
+        if len(bad):
+            raise DataError(f"{name}: item ids outside [0, {n_items})", column=column, ids=values[bad])
+        out.append(values.astype(np.int64))
+    keep = out[0] != out[1]
+    return out[0][keep], out[1][keep]
+
+
+def train_alignment(
+    encoder: ContentEncoder,
+    dataset: Dataset,
+    train_pairs: pd.DataFrame,
+    holdout_pairs: pd.DataFrame | None,
+    config: AlignConfig | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[ContentEncoder, AlignHistory]:
+    """Fine-tune ``encoder`` (fitted on ``dataset``) on item2item pairs; see the module docstring.
+
+    Parameters
+    ----------
+    encoder : a fitted :class:`ContentEncoder`; trained in place.
+    dataset : the items (texts and modality vectors) the pair ids refer to.
+    train_pairs, holdout_pairs : DataFrames with int item-id columns ``trigger`` and ``target`` (other
+        columns ignored, self-pairs dropped). ``holdout_pairs`` drives early stopping and the best
+        checkpoint; ``None`` or empty trains for the whole budget and keeps the last weights.
+    config : AlignConfig.
+    out_dir : checkpoint folder; ``None`` trains without checkpoints (and cannot resume).
+    resume : continue from ``out_dir/checkpoint.pt`` when it exists; ``False`` starts over (and removes it).
+    progress : draw a progress bar.
+    on_step : called as ``on_step(step, loss)`` after each step and its checkpoint (logging, interruption).
+
+    Returns
+    -------
+    (encoder, history): the encoder with the best held-out weights loaded, in eval mode.
+
+    Seeds torch's global RNG with ``config.seed`` (dropout), as training loops do.
+    """
+    config = config or AlignConfig()
+    trainer = _Trainer(encoder, dataset, train_pairs, holdout_pairs, config, out_dir, progress, on_step)
+    return trainer.run(resume)
+
+
+class _Trainer:
+    def __init__(self, encoder: ContentEncoder, dataset: Dataset, train_pairs: pd.DataFrame,
+                 holdout_pairs: pd.DataFrame | None, config: AlignConfig, out_dir: str | Path | None,
+                 progress: bool, on_step: Callable[[int, float], None] | None) -> None:
+        if not encoder.is_fitted:
+            raise QarmError("train_alignment needs a fitted ContentEncoder; call encoder.fit(dataset) first")
+        self.encoder, self.config, self.progress, self.on_step = encoder, config, progress, on_step
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        n = dataset.n_items
+        self.inputs = ItemInputs.from_dataset(dataset, [p for p in encoder.parts_ if p != "text"])
+        self.trigger, self.target = check_pairs(train_pairs, n, name="train_pairs")
+        if len(self.trigger) == 0:
+            raise DataError("train_pairs holds no pair of two different items")
+        if holdout_pairs is None:
+            holdout_pairs = pd.DataFrame({TRIGGER: np.zeros(0, np.int64), TARGET: np.zeros(0, np.int64)})
+        ho_t, ho_g = check_pairs(holdout_pairs, n, name="holdout_pairs")
+        rng = np.random.default_rng([config.seed, 1])
+        pick = np.sort(rng.permutation(len(ho_t))[: config.eval_pairs])
+        self.eval_trigger, self.eval_target = ho_t[pick], ho_g[pick]
+        self.pairs_digest = digest_arrays({"trigger": self.trigger, "target": self.target,
+                                           "holdout_trigger": ho_t, "holdout_target": ho_g})
+        self.history = AlignHistory(n_train_pairs=len(self.trigger), n_holdout_pairs=len(ho_t))
+        self.max_steps = config.max_steps
+        if config.max_epochs is not None:
+            self.max_steps = min(self.max_steps,
+                                 max(1, math.ceil(config.max_epochs * len(self.trigger) / config.batch_size)))
+        self._perms: dict[int, np.ndarray] = {}
+
+        encoder.set_trainable(config.trainable_layers if encoder.uses_text else 0)
+        head = [p for n_, p in encoder.named_parameters() if p.requires_grad and not n_.startswith("text_model.")]
+        text = [p for n_, p in encoder.named_parameters() if p.requires_grad and n_.startswith("text_model.")]
+        groups = [{"params": head, "lr": config.head_lr}]
+        if text:
+            groups.append({"params": text, "lr": config.lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        warmup, total = config.warmup_steps, self.max_steps
+
+        def schedule(step: int) -> float:  # linear warm-up, then linear decay to 0 at max_steps
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.step = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.bad_evals = 0
+
+    # -- data ----------------------------------------------------------------------------------------
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        """Pair rows of 0-based ``step``: positions ``[step*B, (step+1)*B)`` of the endless sequence of
+        per-epoch permutations (epoch ``e`` shuffled by ``default_rng([seed, 0, e])``)."""
+        n, size = len(self.trigger), self.config.batch_size
+        positions = np.arange(step * size, (step + 1) * size)
+        epochs, offsets = positions // n, positions % n
+        out = np.empty(size, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            if epoch not in self._perms:
+                self._perms = {epoch: np.random.default_rng([self.config.seed, 0, int(epoch)]).permutation(n)}
+            chosen = epochs == epoch
+            out[chosen] = self._perms[epoch][offsets[chosen]]
+        return out
+
+    def encode_pairs(self, trigger: np.ndarray, target: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vectors of both sides; each distinct item is encoded once."""
+        items, inverse = np.unique(np.concatenate([trigger, target]), return_inverse=True)
+        vectors = self.encoder.encode(self.inputs.take(items))
+        return vectors[inverse[: len(trigger)]], vectors[inverse[len(trigger):]]
+
+    # -- evaluation ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float] | None:
+        if len(self.eval_trigger) == 0:
+            return None
+        start = time.perf_counter()
+        was_training = self.encoder.training
+        self.encoder.eval()
+        try:
+            items, inverse = np.unique(np.concatenate([self.eval_trigger, self.eval_target]), return_inverse=True)
+            vectors = torch.cat([self.encoder.encode(self.inputs.take(items[s:s + 256]))
+                                 for s in range(0, len(items), 256)])
+        finally:
+            self.encoder.train(was_training)
+        n = len(self.eval_trigger)
+        t_rows, g_rows = inverse[:n], inverse[n:]
+        size = self.config.batch_size
+        losses = [float(info_nce(vectors[t_rows[s:s + size]], vectors[g_rows[s:s + size]], self.config.temperature,
+                                 self.eval_trigger[s:s + size], self.eval_target[s:s + size]))
+                  for s in range(0, n, size) if n - s >= 2]
+        # Recall@10 of the target among the pool's items (the trigger itself excluded): a cheap proxy.
+        scores = vectors[t_rows] @ vectors.T
+        scores[torch.arange(n), torch.as_tensor(t_rows)] = float("-inf")
+        target_score = scores[torch.arange(n), torch.as_tensor(g_rows)]
+        rank = (scores >= target_score[:, None]).sum(dim=1) - 1  # ties count against the target
+        return {"step": self.step, "holdout_loss": float(np.mean(losses)) if losses else float("nan"),
+                "holdout_recall@10": float((rank < 10).float().mean()), "pool_items": int(len(items)),
+                "seconds": round(time.perf_counter() - start, 3)}
+
+    def improved(self, metric: float) -> bool:
+        best = self.history.best_metric
+        if best is None:
+            return True
+        if self.config.monitor == "holdout_loss":
+            return metric < best - self.config.min_delta
+        return metric > best + self.config.min_delta
+
+    def record_eval(self) -> bool:
+        """Evaluate, keep the best weights; True when early stopping should stop training."""
+        result = self.evaluate()
+        if result is None:
+            return False
+        self.history.evals.append(result)
+        metric = result[self.config.monitor]
+        if self.improved(metric):
+            self.history.best_metric, self.history.best_step = metric, self.step
+            self.best_state = self.encoder.trainable_state()
+            self.bad_evals = 0
+            if self.out_dir is not None:
+                meta = {"step": str(self.step), "metric": repr(metric), "monitor": self.config.monitor}
+                atomic_write_bytes(self.out_dir / BEST_FILE,
+                                   save_torch({k: v.contiguous() for k, v in self.best_state.items()}, meta))
+            return False
+        self.bad_evals += 1
+        return self.bad_evals >= self.config.patience
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def identity(self) -> dict[str, Any]:
+        cfg = {k: v for k, v in to_dict(self.config).items() if k not in _RESUMABLE_KEYS_IGNORED}
+        record = self.encoder.describe()
+        return {"config": cfg, "encoder": json.dumps(record, sort_keys=True), "pairs": self.pairs_digest}
+
+    def save_checkpoint(self) -> None:
+        if self.out_dir is None:
+            return
+        payload = {
+            "format": 1,
+            "step": self.step,
+            "model": self.encoder.trainable_state(),
+            "best_model": self.best_state or {},  # here too, so best and checkpoint never disagree
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "bad_evals": self.bad_evals,
+            "history": json.dumps(self.history.to_dict()),
+            "identity": self.identity(),
+        }
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        atomic_write_bytes(self.out_dir / CHECKPOINT_FILE, buffer.getvalue())
+
+    def load_checkpoint(self) -> bool:
+        path = None if self.out_dir is None else self.out_dir / CHECKPOINT_FILE
+        if path is None or not path.exists():
+            return False
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a truncated or foreign file: say which, do not guess
+            raise QarmError(f"{path}: cannot read the checkpoint ({exc}); remove it or pass resume=False") from exc
+        mine, theirs = self.identity(), payload.get("identity", {})
+        if mine != theirs:
+            differing = sorted(k for k in set(mine["config"]) | set(theirs.get("config", {}))
+                               if mine["config"].get(k) != theirs.get("config", {}).get(k))
+            what = [f"config keys {differing}"] if differing else []
+            what += [w for w in ("encoder", "pairs") if mine[w] != theirs.get(w)]
+            raise ConfigError(f"{path} was written by another run (different {', '.join(what)}); "
+                              "pass resume=False to start over or use another out_dir")
+        self.encoder.load_trainable_state(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        torch.set_rng_state(payload["torch_rng"])
+        self.step = int(payload["step"])
+        self.bad_evals = int(payload["bad_evals"])
+        self.history = AlignHistory.from_dict(json.loads(payload["history"]))
+        self.best_state = payload["best_model"] or None
+        self.history.resumed_from.append(self.step)
+        return True
+
+    # -- loop ----------------------------------------------------------------------------------------
+
+    def run(self, resume: bool) -> tuple[ContentEncoder, AlignHistory]:
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                for name in (CHECKPOINT_FILE, BEST_FILE):
+                    (self.out_dir / name).unlink(missing_ok=True)
+        torch.manual_seed(self.config.seed)
+        if not (resume and self.load_checkpoint()):
+            self.record_eval()  # step 0: the pre-trained encoder sets the bar (and is the first "best")
+        start = time.perf_counter()
+        seconds_before = self.history.train_seconds
+        self.encoder.train()
+        stop = self.history.stopped if self.history.stopped in ("max_steps", "max_epochs", "early_stopping") else ""
+        try:
+            with progress_bar(self.max_steps, "aligning", self.progress) as advance:
+                advance(self.step)
+                while not stop and self.step < self.max_steps:
+                    loss = self.train_step()
+                    self.history.train_seconds = seconds_before + time.perf_counter() - start
+                    advance(1, loss=loss)
+                    budget = self.config.time_budget_s
+                    if self.step == self.max_steps:
+                        stop = "max_steps" if self.max_steps == self.config.max_steps else "max_epochs"
+                    elif budget is not None and time.perf_counter() - start >= budget:
+                        stop = "time_budget"
+                    # the last weights are always evaluated, so they can be the best ones
+                    if self.step % self.config.eval_every == 0 or stop:
+                        if self.record_eval() and not stop:
+                            stop = "early_stopping"
+                    self.history.stopped = stop
+                    if stop or self.step % self.config.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if self.on_step is not None:
+                        self.on_step(self.step, loss)
+        finally:
+            self.encoder.eval()
+        if self.best_state is not None and self.history.best_step != self.step:
+            self.encoder.load_trainable_state(self.best_state)
+        return self.encoder, self.history
+
+    def train_step(self) -> float:
+        rows = self.batch_indices(self.step)
+        trigger, target = self.trigger[rows], self.target[rows]
+        a, b = self.encode_pairs(trigger, target)
+        loss = info_nce(a, b, self.config.temperature, trigger, target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip is not None:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        value = float(loss.detach())
+        self.history.steps.append({"step": self.step, "loss": value, "lr": self.scheduler.get_last_lr()[-1]})
+        return value
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole stage
+
+
+@dataclass
+class AlignmentResult:
+    """Pre-trained and aligned vectors of every item, ``(n_items, out_dim)`` float32 each."""
+
+    pretrained: np.ndarray
+    aligned: np.ndarray
+    encoder: ContentEncoder
+    history: AlignHistory
+    out_dir: Path
+    timings: dict[str, float]
+
+
+def run_alignment(
+    dataset: Dataset,
+    train_pairs: pd.DataFrame,
+    holdout_pairs: pd.DataFrame | None,
+    out_dir: str | Path,
+    *,
+    encoder_config: ContentEncoderConfig | None = None,
+    config: AlignConfig | None = None,
+    cache_dir: str | Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    text_model: torch.nn.Module | None = None,
+) -> AlignmentResult:
+    """The alignment stage: fit the encoder (PCA head), encode every item (pre-trained), train on the
+    pairs, encode every item again (aligned), and write ``out_dir``::
+
+        vectors.safetensors   "pretrained" and "aligned", (n_items, out_dim) float32, row = item id
+        alignment.json        encoder record, align config, history, timings, dataset name and size
+        encoder/              the aligned encoder (load_encoder), for items added later
+        train/                checkpoint.pt and best.safetensors (resume)
+
+    ``cache_dir`` caches text embeddings and vectors (:class:`~qarm.encode.cache.VectorCache`).
+    """
+    out_dir = Path(out_dir)
+    config = config or AlignConfig()
+    cache = None if cache_dir is None else VectorCache(cache_dir)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    encoder = ContentEncoder(encoder_config, text_model=text_model).fit(dataset, progress=progress, cache=cache)
+    pretrained = encode_items(encoder, dataset, progress=progress, cache=cache)
+    timings["encode_pretrained"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    encoder, history = train_alignment(encoder, dataset, train_pairs, holdout_pairs, config, out_dir / "train",
+                                       resume=resume, progress=progress)
+    timings["train"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    aligned = encode_items(encoder, dataset, progress=progress, cache=cache)
+    timings["encode_aligned"] = time.perf_counter() - clock
+    save_encoder(encoder, out_dir / "encoder")
+    atomic_write_bytes(out_dir / VECTORS_FILE, save_numpy({"pretrained": pretrained, "aligned": aligned}))
+    record = {
+        "dataset": dataset.meta.name,
+        "n_items": dataset.n_items,
+        "encoder": encoder.describe(),
+        "align": to_dict(config),
+        "history": history.to_dict(),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+    atomic_write_bytes(out_dir / RECORD_FILE, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
+    return AlignmentResult(pretrained, aligned, encoder, history, out_dir, timings)
+
+
+def read_alignment(out_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The vectors (``pretrained``, ``aligned``) and the record written by :func:`run_alignment`."""
+    out_dir = Path(out_dir)
+    try:
+        vectors = load_numpy_file(out_dir / VECTORS_FILE)
+        record = json.loads((out_dir / RECORD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise QarmError(f"{out_dir}: not a finished alignment folder ({exc})") from exc
+    return vectors, record

@@ -1,0 +1,289 @@
+"""Content encoder: item text, MiniLM loading, fusion head, freezing, cache, image encoder."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from qarm.data.schema import Dataset, DatasetMeta
+from qarm.encode import ContentEncoder, ContentEncoderConfig, VectorCache, encode_items, item_texts, load_text_model
+from qarm.encode.content import load_encoder, pca_projection, save_encoder
+from qarm.encode.text import encode_texts, join_text
+from qarm.errors import ConfigError
+
+WORDS = {
+    "pets": ["cat", "dog", "puppy", "kitten", "hamster", "parrot"],
+    "cooking": ["pasta", "recipe", "bake", "soup", "grill", "noodles"],
+    "games": ["speedrun", "boss", "sniper", "minecraft", "clutch", "raid"],
+    "money": ["stocks", "budget", "crypto", "savings", "invest", "taxes"],
+}
+
+
+def tiny_dataset(per_topic: int = 4, *, vectors: bool = True, seed: int = 0) -> Dataset:
+    """``4 * per_topic`` items: a title of topic words, a tag column with gaps, optional audio vectors."""
+    rng = np.random.default_rng(seed)
+    titles, tags, topics = [], [], []
+    for topic, words in WORDS.items():
+        for i in range(per_topic):
+            picked = rng.choice(words, 3, replace=False)
+            titles.append(" ".join(picked) + " video")
+            tags.append(None if i % 3 == 0 else f"#{topic}")
+            topics.append(topic)
+    n = len(titles)
+    items = pd.DataFrame({"item_id": np.arange(n), "source_id": [str(i) for i in range(n)], "title": titles,
+                          "tags": tags, "category": topics})
+    meta = DatasetMeta(name="tiny", source="test", loader="test", text_columns=["title", "tags"])
+    item_vectors = {"audio": rng.standard_normal((n, 6)).astype(np.float32)} if vectors else {}
+    return Dataset(items=items, interactions=pd.DataFrame(), users=pd.DataFrame(), meta=meta,
+                   item_vectors=item_vectors)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny batches: one thread is faster than two, and far faster on a shared, busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def text_model():
+    return load_text_model()
+
+
+def make_encoder(text_model, dataset: Dataset, **config) -> ContentEncoder:
+    return ContentEncoder(ContentEncoderConfig(**config), text_model=copy.deepcopy(text_model)).fit(
+        dataset, progress=False)
+
+
+# -- item text -----------------------------------------------------------------------------------------
+
+
+def test_join_text_skips_missing_and_empty_fields() -> None:
+    assert join_text(["Toy Story", "Animation|Children", "pixar, fun"]) == "Toy Story | Animation|Children | pixar, fun"
+    assert join_text(["  Heat ", None, float("nan"), "", "  ", pd.NA]) == "Heat"
+    assert join_text([None, ["rock", "", "indie"], np.array(["a"])]) == "rock, indie | a"
+    assert join_text([]) == ""
+
+
+def test_item_texts_follow_meta_text_columns() -> None:
+    dataset = tiny_dataset(2, vectors=False)
+    texts = item_texts(dataset)
+    assert len(texts) == 8
+    assert texts[0] == dataset.items.title[0]  # the first item of each topic has no tag: no dangling " | "
+    assert texts[1] == dataset.items.title[1] + " | #pets"
+    dataset.meta.text_columns = ["tags", "title"]
+    assert item_texts(dataset)[1] == "#pets | " + dataset.items.title[1]
+    dataset.meta.text_columns = ["title", "plot"]
+    with pytest.raises(ConfigError, match=r"text columns \['plot'\]"):
+        item_texts(dataset)
+
+
+def test_load_text_model_missing_folder(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_text_model(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="neither modules.json nor config.json"):
+        load_text_model(tmp_path)
+
+
+# -- the encoder ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fusion", ["concat", "sum", "gated"])
+def test_encoder_output_shape_and_norm(text_model, fusion) -> None:
+    dataset = tiny_dataset()
+    encoder = make_encoder(text_model, dataset, fusion=fusion, out_dim=8)
+    assert encoder.parts_ == ["text", "audio"]
+    assert encoder.input_dims_ == {"text": 384, "audio": 6}
+    vectors = encode_items(encoder, dataset, progress=False, batch_size=5)
+    assert vectors.shape == (16, 8) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # encode_items (length-sorted batches, no grad) equals the training-time forward, in item order.
+    with torch.no_grad():
+        direct = encoder.eval().encode(encoder_inputs(dataset)).numpy()
+    np.testing.assert_allclose(vectors, direct, atol=1e-5)
+    assert encoder.describe()["fusion"] == fusion and encoder.describe()["out_dim"] == 8
+
+
+def encoder_inputs(dataset: Dataset):
+    from qarm.encode.content import ItemInputs
+    return ItemInputs.from_dataset(dataset)
+
+
+def test_text_only_pretrained_vectors_are_pca_of_minilm(text_model) -> None:
+    """The fair baseline: with a single part the fitted head is exactly the (uncentred) PCA of MiniLM,
+    no random map; at full width it reproduces MiniLM's own cosines."""
+    dataset = tiny_dataset(vectors=False)
+    encoder = make_encoder(text_model, dataset, out_dim=8)
+    assert encoder.parts_ == ["text"]
+    raw = encode_texts(text_model, item_texts(dataset), progress=False)
+    weight, bias = pca_projection(raw, 8, center=False)
+    assert not bias.any()
+    expected = raw @ weight.T
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(encode_items(encoder, dataset, progress=False), expected, atol=1e-5)
+    full = make_encoder(text_model, dataset, out_dim=384)
+    vectors = encode_items(full, dataset, progress=False)
+    np.testing.assert_allclose(vectors @ vectors.T, raw @ raw.T, atol=1e-4)
+
+
+def test_pca_projection_rows_are_orthonormal_and_padded() -> None:
+    x = np.random.default_rng(0).standard_normal((500, 5)) * np.array([10.0, 3, 2, 1, 0.5])
+    weight, bias = pca_projection(x, 7)
+    np.testing.assert_allclose(weight[:5] @ weight[:5].T, np.eye(5), atol=1e-5)
+    assert np.all(weight[5:] == 0)
+    assert abs(weight[0, 0]) > 0.99  # the direction of largest variance comes first
+    np.testing.assert_allclose((x @ weight.T + bias).mean(axis=0), 0.0, atol=1e-5)  # centred
+    weight, bias = pca_projection(x + 100.0, 5, center=False)  # uncentred: the offset is the top direction
+    assert not bias.any() and np.allclose(np.abs(weight[0]), 1 / np.sqrt(5), atol=1e-2)
+
+
+def test_trainable_layers_freeze_the_rest(text_model) -> None:
+    dataset = tiny_dataset(1)
+    encoder = make_encoder(text_model, dataset, out_dim=8).set_trainable(1)
+    encoder.train()
+    encoder.encode(encoder_inputs(dataset)).sum().backward()
+    for name, param in encoder.named_parameters():
+        in_top_layer = ".encoder.layer.5." in name
+        head = not name.startswith("text_model.")
+        assert param.requires_grad == (in_top_layer or head), name
+        assert (param.grad is not None) == (in_top_layer or head), name
+    # frozen layers run without dropout; the trainable top layer trains
+    layers = encoder.transformer_layers()
+    assert not layers[0].training and layers[5].training
+    n_trainable = sum(p.numel() for p in encoder.set_trainable(0).parameters() if p.requires_grad)
+    assert n_trainable == sum(p.numel() for n, p in encoder.named_parameters() if not n.startswith("text_model."))
+    assert all(p.requires_grad for p in encoder.set_trainable("all").parameters())
+    with pytest.raises(ConfigError, match=r"The 'trainable_layers' parameter must be 'all' or an int in \[0, 6\]"):
+        encoder.set_trainable(7)
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ConfigError, match="The 'fusion' parameter of ContentEncoderConfig must be one of"):
+        ContentEncoderConfig(fusion="attention")
+    with pytest.raises(ConfigError, match="The 'out_dim' parameter of ContentEncoderConfig must be an int >= 1. "
+                                          "Got 0 instead."):
+        ContentEncoderConfig(out_dim=0)
+    with pytest.raises(ConfigError, match="unknown key"):
+        ContentEncoderConfig.from_dict({"fuson": "sum"})
+
+
+def test_unknown_modality_is_named(text_model) -> None:
+    with pytest.raises(ConfigError, match=r"names \['video'\].*available: \['audio'\]"):
+        ContentEncoder(ContentEncoderConfig(modalities=["video"]), text_model=text_model).fit(tiny_dataset(1))
+
+
+def test_save_and_load_encoder_round_trip(text_model, tmp_path) -> None:
+    dataset = tiny_dataset(2)
+    encoder = make_encoder(text_model, dataset, out_dim=8, fusion="gated").set_trainable(1)
+    with torch.no_grad():  # pretend training changed the top layer and the head
+        encoder.transformer_layers()[-1].output.dense.bias.add_(0.1)
+        encoder.gate.weight.add_(0.05)
+    before = encode_items(encoder, dataset, progress=False)
+    save_encoder(encoder, tmp_path / "enc")
+    assert json.loads((tmp_path / "enc" / "encoder.json").read_text())["trainable_layers"] == 1
+    loaded = load_encoder(tmp_path / "enc", text_model=copy.deepcopy(text_model))
+    np.testing.assert_allclose(encode_items(loaded, dataset, progress=False), before, atol=1e-6)
+
+
+# -- cache ---------------------------------------------------------------------------------------------
+
+
+def test_cache_hit_returns_identical_vectors_and_changed_text_misses(text_model, tmp_path, monkeypatch) -> None:
+    dataset = tiny_dataset(2)
+    cache = VectorCache(tmp_path / "cache")
+    encoder = make_encoder(text_model, dataset, out_dim=8)
+    first = encode_items(encoder, dataset, progress=False, cache=cache)
+    n_entries = len(list((tmp_path / "cache").glob("*.json")))
+    assert n_entries == 2  # text embeddings + fused vectors
+
+    import qarm.encode.content as content
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("a cache hit must not run the text model")
+
+    monkeypatch.setattr(content, "encode_texts", no_compute)
+    second = encode_items(encoder, dataset, progress=False, cache=cache)
+    np.testing.assert_array_equal(first, second)
+    monkeypatch.undo()
+
+    dataset.items.loc[3, "title"] = "a completely different title"
+    changed = encode_items(encoder, dataset, progress=False, cache=cache)
+    assert len(list((tmp_path / "cache").glob("*.json"))) == n_entries + 2
+    assert not np.allclose(changed[3], first[3])
+    np.testing.assert_allclose(np.delete(changed, 3, axis=0), np.delete(first, 3, axis=0), atol=1e-5)
+
+
+def test_cache_treats_corrupt_entries_as_misses(tmp_path) -> None:
+    cache = VectorCache(tmp_path)
+    key = VectorCache.key(what="x")
+    cache.put(key, np.ones((3, 2), np.float32), {"note": "test"})
+    np.testing.assert_array_equal(cache.get(key), np.ones((3, 2)))
+    cache.paths(key)[0].write_bytes(b"not safetensors")
+    assert cache.get(key) is None
+    assert cache.get(VectorCache.key(what="y")) is None
+
+
+# -- image encoder -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory):
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8,
+                       intermediate_size=37)
+    folder = tmp_path_factory.mktemp("vit")
+    ViTModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_image_encoder_from_local_vit(tiny_vit) -> None:
+    from qarm.encode.image import load_image_encoder
+
+    encoder = load_image_encoder(tiny_vit)
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    vectors = encoder.encode(images, batch_size=2)
+    assert vectors.shape == (5, 32) and vectors.dtype == np.float32
+    again = encoder.encode(images[[3]])
+    np.testing.assert_allclose(again[0], vectors[3], atol=1e-5)
+    channels_first = encoder.encode(images.transpose(0, 3, 1, 2))
+    np.testing.assert_allclose(channels_first, vectors, atol=1e-5)
+    assert not np.allclose(vectors[0], vectors[1])
+    assert load_image_encoder(tiny_vit, pooling="mean").encode(images).shape == (5, 32)
+
+
+def test_image_encoder_with_processor_resizes(tiny_vit, tmp_path) -> None:
+    import shutil
+
+    from transformers import ViTImageProcessor
+
+    from qarm.encode.image import load_image_encoder
+
+    folder = tmp_path / "vit"
+    shutil.copytree(tiny_vit, folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    images = np.random.default_rng(1).integers(0, 256, (2, 48, 40, 3), dtype=np.uint8)
+    assert load_image_encoder(folder).encode(images).shape == (2, 32)
+
+
+def test_image_encoder_errors(tmp_path, tiny_vit) -> None:
+    from qarm.encode.image import load_image_encoder
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_image_encoder(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="has no config.json"):
+        load_image_encoder(tmp_path)
+    with pytest.raises(ConfigError, match="The 'pooling' parameter of ImageEncoder must be one of"):
+        load_image_encoder(tiny_vit, pooling="max")
+    from qarm.errors import DataError
+
+    with pytest.raises(DataError, match="must be 3 x 32 x 32"):
+        load_image_encoder(tiny_vit).encode(np.zeros((1, 16, 16, 3), np.uint8))

@@ -1,6 +1,6 @@
 """VQ codes at scale: top-25 neighbours of every item of a 1M-item catalogue with HNSW (or IVF).
 
-    python benchmarks/quantize_vq.py                                   # 1M x 64-d, HNSW, k=25
+    python benchmarks/quantize_vq.py                                   # 1M x 64-d, IVF (the default above 50k), k=25
     python benchmarks/quantize_vq.py --items 50000 --recall-sample 2000
     python benchmarks/quantize_vq.py --index ivf --ivf-nprobe 32
     python benchmarks/quantize_vq.py --sweep ''                       # skip the efSearch sweep
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--items-per-component", type=int, default=1000)
     parser.add_argument("--noise", type=float, default=0.5)
     parser.add_argument("--k", type=int, default=25)
-    parser.add_argument("--index", choices=["hnsw", "ivf", "exact"], default="hnsw")
+    parser.add_argument("--index", choices=["hnsw", "ivf", "exact"], default="ivf")
     parser.add_argument("--hnsw-m", type=int, default=32)
     parser.add_argument("--hnsw-ef-construction", type=int, default=80)
     parser.add_argument("--hnsw-ef-search", type=int, default=64)

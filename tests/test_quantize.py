@@ -269,7 +269,7 @@ def test_vq_auto_index_threshold_and_exact_recall(data):
     x, _ = data
     assert TopKCodes(k=3, exact_threshold=len(x)).fit(x).index_kind_ == "exact"
     vq = TopKCodes(k=3, exact_threshold=100).fit(x)
-    assert vq.index_kind_ == "hnsw"
+    assert vq.index_kind_ == "ivf"
     assert TopKCodes(k=3).fit(x).recall_against_exact()["recall_at_k"] == 1.0
 
 

@@ -49,7 +49,8 @@ class TopKCodes:
     exclude_self : bool, default True
         When ``transform`` is given the items' ids, drop each item from its own neighbour list.
     index : {"auto", "exact", "hnsw", "ivf"}, default "auto"
-        ``auto``: exact up to ``exact_threshold`` catalogue items, HNSW above.
+        ``auto``: exact up to ``exact_threshold`` catalogue items, IVF above (at 1M x 64-d it built and
+        searched in about 3 min on 2 cores with recall@25 1.0, against 6 min and 0.996 for HNSW: RESULTS.md).
     exact_threshold : int, default 50_000
         Largest catalogue searched exactly under ``index="auto"``.
     normalize : bool, default True
@@ -166,7 +167,7 @@ class TopKCodes:
                             else "") + f" needs a catalogue of at least {need} items; got {len(x)}")
         kind = self.index
         if kind == "auto":
-            kind = "exact" if len(x) <= self.exact_threshold else "hnsw"
+            kind = "exact" if len(x) <= self.exact_threshold else "ivf"
         self.index_kind_ = kind
         self.item_ids_ = ids
         self.vectors_ = x

@@ -90,19 +90,27 @@ def run(
     source: Annotated[Path | None, typer.Option(help="Where the dataset's original files are.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<dataset>).")] = None,
     fresh: Annotated[bool, typer.Option(help="Ignore the stage cache and run every stage.")] = False,
-    config: ConfigOption = None,
-    set_: SetOption = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML with sections loader_options, prepare, "
+                                                "align, quantize (the fields of qarm.pipeline.RunConfig).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE for a loader option, or "
+                    "split.KEY / negatives.KEY / align.SECTION.KEY / quantize.SECTION.KEY=VALUE")] = None,
 ) -> None:
     """Run the pipeline end to end (the embedded synthetic default needs no download)."""
     from qarm.pipeline import run_config_from_dict, run_pipeline
 
     try:
-        loader, prepare = parse_overrides(config, set_)
-        run_config = run_config_from_dict({"dataset": dataset, "source": str(source) if source else None,
-                                           "loader_options": loader, "prepare": prepare})
+        options = load_yaml(config) if config else {}
+        for key, value in parse_sets(set_).items():
+            if key in ("split", "negatives"):
+                options.setdefault("prepare", {})[key] = merge(options.get("prepare", {}).get(key, {}), value)
+            elif key in ("align", "quantize"):
+                options[key] = merge(options.get(key, {}), value)
+            else:
+                options.setdefault("loader_options", {})[key] = value
+        options.update(dataset=dataset, source=str(source) if source else None)
+        run_config = run_config_from_dict(options)
         out = out or Path("runs") / dataset
-        with console.status(f"qarm run on {dataset} ..."):
-            run_pipeline(run_config, out, fresh=fresh, log=lambda msg: console.print(msg, highlight=False))
+        run_pipeline(run_config, out, fresh=fresh, log=lambda msg: console.print(msg, highlight=False, markup=False))
     except QarmError as exc:
         _fail(exc)
     console.print(f"report: {out / 'report.md'}")
@@ -163,6 +171,27 @@ def data_describe(
         Console().print(Markdown(render_markdown(stats)))
 
 
+@app.command()
+def align(
+    data: Annotated[Path, typer.Argument(help="A prepared dataset folder (`qarm data prepare`).")],
+    out: Annotated[Path, typer.Option(help="Output alignment folder.")],
+    fresh: Annotated[bool, typer.Option(help="Ignore training checkpoints in OUT and start over.")] = False,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML with sections user2item, pairs, encoder, train.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="SECTION.KEY=VALUE, e.g. train.max_steps=300")] = None,
+) -> None:
+    """Align item content vectors with user behaviour: User2Item model, Swing, pair mining, contrastive fine-tuning."""
+    from qarm.align.stage import AlignStageConfig, align_dataset
+
+    try:
+        data_cfg = load_yaml(config) if config else {}
+        stage_config = from_dict(AlignStageConfig, merge(data_cfg, parse_sets(set_)), where="align config")
+        align_dataset(data, out, stage_config, resume=not fresh,
+                      log=lambda msg: console.print(msg, highlight=False, markup=False))
+    except QarmError as exc:
+        _fail(exc)
+    Console().print(Markdown((out / "align_report.md").read_text()))
+
+
 codes_app = typer.Typer(help="Codes: inspect a quantize folder, code new items, publish to a store.",
                         no_args_is_help=True)
 app.add_typer(codes_app, name="codes")
@@ -177,23 +206,48 @@ def _quantize_config(config_file: Path | None, overrides: list[str] | None):
 
 @app.command()
 def quantize(
-    data: Annotated[Path, typer.Argument(help="A dataset folder whose items have a vector column.")],
+    data: Annotated[Path, typer.Argument(help="An align folder (`qarm align`), or a dataset folder whose items "
+                                              "have a vector column.")],
     out: Annotated[Path, typer.Option(help="Output quantize folder.")],
-    vectors: Annotated[str | None, typer.Option(help="Vector column to quantize (default: the only one).")] = None,
+    vectors: Annotated[str | None, typer.Option(help="Which vectors: 'aligned' (default) or 'pretrained' of an "
+                                                     "align folder; a vector column of a dataset folder.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     config: Annotated[Path | None, typer.Option("--config", help="YAML with sections 'vq', 'rq'.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="vq.KEY=VALUE or rq.KEY=VALUE, e.g. rq.levels=4")] = None,
 ) -> None:
     """VQ (top-K neighbour) and RQ (residual k-means) codes for every item, with a quality report."""
-    from qarm.quantize.api import quantize_dataset
+    from qarm.quantize.api import quantize_dataset, quantize_items
 
+    log = lambda msg: console.print(msg, highlight=False, markup=False)  # noqa: E731
     try:
-        summary = quantize_dataset(data, out, _quantize_config(config, set_), vectors=vectors, overwrite=overwrite,
-                                   log=lambda msg: console.print(msg, highlight=False), progress=True)
+        quantize_config = _quantize_config(config, set_)
+        if (data / "align_report.json").exists():
+            item_vectors, item_ids, categories = _align_folder_vectors(data, vectors or "aligned")
+            summary = quantize_items(item_vectors, item_ids, out, quantize_config, categories=categories,
+                                     overwrite=overwrite, log=log, progress=True)
+        else:
+            summary = quantize_dataset(data, out, quantize_config, vectors=vectors, overwrite=overwrite, log=log,
+                                       progress=True)
     except QarmError as exc:
         _fail(exc)
     console.print(f"wrote {out} (codes version {summary.get('codes_version', '?')})")
     Console().print(Markdown((out / "quality.md").read_text()))
+
+
+def _align_folder_vectors(folder: Path, which: str):
+    """(vectors, item ids, categories or None) of an align folder and the dataset it was made from."""
+    import json as _json
+
+    from qarm.align.contrastive import read_alignment
+    from qarm.data.io import load_dataset
+
+    vectors, _ = read_alignment(folder)
+    if which not in vectors:
+        raise ConfigError(f"{folder}: unknown vectors {which!r}; available: {sorted(vectors)}")
+    report = _json.loads((folder / "align_report.json").read_text())
+    items = load_dataset(report["dataset"]["path"], validate=False).items
+    categories = items["category"].to_numpy(dtype=object) if "category" in items.columns else None
+    return vectors[which], items["item_id"].to_numpy(), categories
 
 
 @codes_app.command("inspect")

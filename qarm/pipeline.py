@@ -1,8 +1,18 @@
 """``qarm run``: the whole pipeline on one dataset, stage by stage, with a stage cache.
 
-Stages run in the order the data flows. Each finished stage records the config that made it in
-``<out>/stages.json``; a re-run with the same config skips it. Stages that are not built yet are
-listed as such in the report rather than silently skipped.
+Stages run in the order the data flows: prepare -> describe -> align -> quantize (-> train ->
+evaluate -> report, not built yet). Each finished stage records a key, the hash of its own config and
+of the keys of the stages it reads, in ``<out>/stages.json``; a re-run whose key is unchanged skips the
+stage, and a changed config re-runs that stage and everything after it. Stages that are not built yet
+are listed as such in the report rather than silently skipped.
+
+Run folder::
+
+    data/        the prepared dataset          (qarm data prepare)
+    align/       aligned item vectors, pairs   (qarm align)
+    quantize/    VQ / RQ codebooks and codes   (qarm quantize)
+    stages.json  the stage cache
+    report.json, report.md
 """
 
 from __future__ import annotations
@@ -17,14 +27,32 @@ from pathlib import Path
 from typing import Any
 
 from qarm import __version__
+from qarm.align.contrastive import AlignConfig
+from qarm.align.stage import AlignStageConfig, align_dataset, read_aligned_vectors
+from qarm.align.user2item import User2ItemConfig
 from qarm.config import from_dict, to_dict
+from qarm.data import schema as S
 from qarm.data.describe import describe_dataset, render_markdown
 from qarm.data.io import atomic_write_bytes, load_dataset, write_json
 from qarm.data.prepare import PrepareConfig, prepare
+from qarm.quantize.api import QuantizeConfig, RQConfig, quantize_items
 
 STAGES_FILE = "stages.json"
 # The stages of QARM end to end; the ones without a runner here are announced as not built yet.
 PLANNED_STAGES = ("prepare", "describe", "align", "quantize", "train", "evaluate", "report")
+Log = Callable[[str], None]
+
+
+def _default_align() -> AlignStageConfig:
+    # The embedded default is a 5k-item catalogue with short titles: a few hundred contrastive steps and
+    # three User2Item epochs are enough there, and keep `qarm run` within its time budget.
+    return AlignStageConfig(user2item=User2ItemConfig(epochs=3), train=AlignConfig(max_steps=150, eval_every=50),
+                            tsne_sample=1000)
+
+
+def _default_quantize() -> QuantizeConfig:
+    # 5k items cannot fill 256 centroids per level (faiss wants >= 39 points per centroid): 64 per level.
+    return QuantizeConfig(rq=RQConfig(codebook_size=64))
 
 
 @dataclass
@@ -33,68 +61,112 @@ class RunConfig:
     source: str | None = None
     loader_options: dict[str, Any] = field(default_factory=dict)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    align: AlignStageConfig = field(default_factory=_default_align)
+    quantize: QuantizeConfig = field(default_factory=_default_quantize)
 
 
-def run_pipeline(
-    config: RunConfig, out: str | Path, *, fresh: bool = False, log: Callable[[str], None] = print
-) -> dict[str, Any]:
+class _Stages:
+    """The stage cache: which stages ran, were cached or are not built, and how long each took."""
+
+    def __init__(self, out: Path, fresh: bool, log: Log) -> None:
+        self.out, self.log = out, log
+        self.cache = {} if fresh else _read_cache(out)
+        self.state: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}
+        self.keys: dict[str, str] = {}
+
+    def run(self, name: str, config: Any, after: tuple[str, ...], done: Path, fn: Callable[[], Any]) -> None:
+        key = _key({"config": to_dict(config), "after": [self.keys[a] for a in after], "version": __version__})
+        self.keys[name] = key
+        if self.cache.get(name) == key and done.exists():
+            self.log(f"{name}: cached ({done.parent if done.is_file() else done})")
+            self.state[name] = "cached"
+            return
+        self.log(f"{name}: running ...")
+        start = time.perf_counter()
+        fn()
+        self.seconds[name] = time.perf_counter() - start
+        self.log(f"{name}: done in {self.seconds[name]:.1f} s")
+        self.cache[name] = key
+        atomic_write_bytes(self.out / STAGES_FILE, json.dumps(self.cache, indent=2).encode())
+        self.state[name] = "ran"
+
+
+def run_pipeline(config: RunConfig, out: str | Path, *, fresh: bool = False, log: Log = print) -> dict[str, Any]:
     """Run every built stage for ``config`` into ``out``; return the report (also written to
     ``report.json`` and ``report.md``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = {} if fresh else _read_cache(out)
-    data_dir = out / "data"
-    timings: dict[str, float] = {}
-    stages: dict[str, str] = {}
+    stages = _Stages(out, fresh, log)
+    data_dir, align_dir, quantize_dir = out / "data", out / "align", out / "quantize"
 
-    prepare_key = _key({"dataset": config.dataset, "source": config.source, "loader": config.loader_options,
-                        "prepare": to_dict(config.prepare), "version": __version__})
-    if cache.get("prepare") == prepare_key and (data_dir / "meta.json").exists():
-        log(f"prepare: cached ({data_dir})")
-        stages["prepare"] = "cached"
-    else:
-        log(f"prepare: loading {config.dataset!r}, splitting, sampling negatives ...")
-        start = time.perf_counter()
-        _, _, step_times = prepare(config.dataset, data_dir, source=config.source,
-                                   loader_options=config.loader_options, config=config.prepare, overwrite=True)
-        timings["prepare"] = time.perf_counter() - start
-        log("prepare: done in {:.1f} s ({})".format(
-            timings["prepare"], ", ".join(f"{k} {v:.1f} s" for k, v in step_times.items())))
-        cache["prepare"] = prepare_key
-        _write_cache(out, cache)
-        stages["prepare"] = "ran"
+    stages.run("prepare", {"dataset": config.dataset, "source": config.source, "loader": config.loader_options,
+                           "prepare": config.prepare}, (), data_dir / S.META_FILE,
+               lambda: prepare(config.dataset, data_dir, source=config.source, loader_options=config.loader_options,
+                               config=config.prepare, overwrite=True))
 
     start = time.perf_counter()
     dataset = load_dataset(data_dir)
     stats = describe_dataset(dataset)
-    timings["describe"] = time.perf_counter() - start
-    stages["describe"] = "ran"
+    stages.seconds["describe"] = time.perf_counter() - start
+    stages.state["describe"] = "ran"
     log(f"describe: {stats['users']:,} users, {stats['items']:,} items, {stats['interactions']:,} interactions")
 
-    not_built = [s for s in PLANNED_STAGES if s not in stages]
+    stages.run("align", config.align, ("prepare",), align_dir / "align_report.json",
+               lambda: align_dataset(data_dir, align_dir, config.align, resume=False, log=log))
+
+    def run_quantize() -> None:
+        vectors, _ = read_aligned_vectors(align_dir)
+        categories = dataset.items[S.CATEGORY].to_numpy(dtype=object) if S.CATEGORY in dataset.items else None
+        quantize_items(vectors, dataset.items[S.ITEM_ID].to_numpy(), quantize_dir, config.quantize,
+                       categories=categories, overwrite=True, log=log)
+
+    stages.run("quantize", config.quantize, ("align",), quantize_dir / "quantize.json", run_quantize)
+
+    not_built = [s for s in PLANNED_STAGES if s not in stages.state]
     for stage in not_built:
-        stages[stage] = "not built yet"
+        stages.state[stage] = "not built yet"
     log("not built yet: " + ", ".join(not_built))
 
+    align_report = json.loads((align_dir / "align_report.json").read_text())
+    quantize_quality = json.loads((quantize_dir / "quality.json").read_text())
     report = {
         "qarm_version": __version__,
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "config": to_dict(config),
-        "stages": stages,
-        "seconds": timings,
+        "stages": stages.state,
+        "seconds": {k: round(v, 2) for k, v in stages.seconds.items()},
         "data": stats,
+        "align": {k: align_report[k] for k in ("user2item", "pairs", "evaluation", "seconds")},
+        "codes": quantize_quality,
     }
     write_json(out / "report.json", report)
-    md = ["# qarm run report", "", f"qarm {__version__}, dataset `{config.dataset}`", "", "## Stages", ""]
-    md += [f"- {name}: {state}" + (f" ({timings[name]:.1f} s)" if name in timings else "")
-           for name, state in stages.items()]
-    md += ["", render_markdown(stats)]
-    atomic_write_bytes(out / "report.md", "\n".join(md).encode())
+    atomic_write_bytes(out / "report.md", render_report(report, out).encode())
     return report
 
 
+def render_report(report: dict[str, Any], out: Path) -> str:
+    md = ["# qarm run report", "", f"qarm {report['qarm_version']}, dataset `{report['config']['dataset']}`", "",
+          "## Stages", ""]
+    md += [f"- {name}: {state}" + (f" ({report['seconds'][name]:.1f} s)" if name in report["seconds"] else "")
+           for name, state in report["stages"].items()]
+    md += ["", render_markdown(report["data"]), "## Alignment", "",
+           (out / "align" / "align_report.md").read_text().split("\n", 2)[2], "## Codes", "",
+           (out / "quantize" / "quality.md").read_text()]
+    return "\n".join(md)
+
+
 def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
-    return from_dict(RunConfig, data, where="run config")
+    """A RunConfig from partial options: what ``data`` leaves out keeps the run's own defaults (for
+    example ``align.train.max_steps=50`` changes one number of the run's align config, not all)."""
+    return from_dict(RunConfig, _merge(to_dict(RunConfig()), data), where="run config")
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _key(data: dict[str, Any]) -> str:
@@ -110,7 +182,3 @@ def _read_cache(out: Path) -> dict[str, str]:
     except (OSError, json.JSONDecodeError):
         return {}  # a damaged cache only costs a re-run
     return data if isinstance(data, dict) else {}
-
-
-def _write_cache(out: Path, cache: dict[str, str]) -> None:
-    atomic_write_bytes(out / STAGES_FILE, json.dumps(cache, indent=2).encode())

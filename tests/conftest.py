@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tests run as two xdist workers on two cores: one torch thread each. Two threads per worker
+# oversubscribe the cores, and torch's spinning threads then run many times slower.
+torch.set_num_threads(1)
 
 from qarm.data.shared import find_shared_data
 

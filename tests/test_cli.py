@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from qarm.cli import app
@@ -71,20 +72,30 @@ def test_describe_a_folder_that_is_not_a_dataset(tmp_path: Path):
     assert "meta.json: missing" in result.output
 
 
-def test_run_writes_reports_and_caches_prepare(tmp_path: Path):
+FAST_RUN = [*SMALL, "--set", "align.train.max_steps=4", "--set", "align.train.eval_every=2",
+            "--set", "align.user2item.epochs=1", "--set", "align.tsne_sample=0",
+            "--set", "quantize.rq.codebook_size=8", "--set", "quantize.vq.k=5"]
+
+
+@pytest.mark.slow
+def test_run_writes_reports_and_caches_stages(tmp_path: Path):
     out = tmp_path / "run"
-    result = invoke("run", "--out", str(out), *SMALL)
+    result = invoke("run", "--out", str(out), *FAST_RUN)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
-    assert report["stages"]["prepare"] == "ran"
-    assert report["stages"]["quantize"] == "not built yet"
+    assert report["stages"]["prepare"] == report["stages"]["align"] == report["stages"]["quantize"] == "ran"
+    assert report["stages"]["train"] == "not built yet"
     assert report["data"]["items"] == 400
-    assert "qarm run report" in (out / "report.md").read_text()
-    again = invoke("run", "--out", str(out), *SMALL)
-    assert "prepare: cached" in again.output
-    changed = invoke("run", "--out", str(out), *SMALL[:-2], "--set", "n_interactions=6000")
-    assert "prepare: cached" not in changed.output
-    assert json.loads((out / "report.json").read_text())["data"]["interactions"] == 6000
+    assert report["config"]["align"]["train"]["max_steps"] == 4
+    assert report["config"]["align"]["train"]["lr"] == 5e-5  # untouched fields keep the run's defaults
+    assert report["codes"]["rq"]["levels"][0]["codebook_size"] == 8
+    assert "Held-out pair Recall@10".lower() in (out / "report.md").read_text().lower()
+    again = invoke("run", "--out", str(out), *FAST_RUN)
+    assert "prepare: cached" in again.output and "align: cached" in again.output
+    assert "quantize: cached" in again.output
+    requantize = invoke("run", "--out", str(out), *FAST_RUN, "--set", "quantize.vq.k=4")
+    assert "align: cached" in requantize.output and "quantize: done" in requantize.output
+    assert json.loads((out / "report.json").read_text())["codes"]["vq"]["k"] == 4
 
 
 def test_quantize_and_inspect_a_dataset_with_vectors(tmp_path: Path):

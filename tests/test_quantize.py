@@ -324,6 +324,9 @@ def test_rq_quality_report_hand_case():
     # after level 1 the errors are 1, 1, 1, 0.25; after level 2: 0, 0, 0, 0.25
     assert lv1["mse"] == pytest.approx(3.25 / 4) and lv2["mse"] == pytest.approx(0.25 / 4)
     assert lv2["relative_error"] == pytest.approx(0.25 / (1 + 1 + 81 + 90.25))
+    # against the spread around the mean 4.625: 5.625^2 + 3.625^2 + 4.375^2 + 4.875^2 = 87.6875
+    assert lv2["unexplained_variance"] == pytest.approx(0.25 / 87.6875)
+    assert lv1["unexplained_variance"] == pytest.approx(3.25 / 87.6875)
     assert lv2["entropy_bits"] == pytest.approx(-(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)))
     assert [p["collision_rate"] for p in report["prefixes"]] == [1.0, 0.5]
     assert report["full_code"]["distinct"] == 3

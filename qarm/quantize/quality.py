@@ -10,7 +10,10 @@ RQ, per level ``l`` (1-based):
   that would give the same entropy);
 * ``mse`` = mean over items and dimensions of ``(x - x_hat_l)^2``, where ``x_hat_l`` sums the chosen
   centroids of levels ``1..l``; ``relative_error`` = ``sum ||x - x_hat_l||^2 / sum ||x||^2`` (the
-  share of the vectors' energy not yet explained; 0.5 means half is left);
+  share of the vectors' energy not yet explained; 0.5 means half is left); ``unexplained_variance`` =
+  ``sum ||x - x_hat_l||^2 / sum ||x - mean(x)||^2``, the same error against the spread around the mean:
+  comparable between vector spaces of different anisotropy (where all vectors share a large common
+  component, ``relative_error`` is small however badly the codes separate the items);
 * prefix collisions: for the code prefix of length ``l``, ``collision_rate`` = the fraction of items
   whose prefix is shared with at least one other item. The full code's collision rate is the last one:
   items that the code cannot tell apart;
@@ -129,9 +132,10 @@ def rq_quality(
             "perplexity": 2.0**h,
         })
     if vectors is not None:
-        for entry, (mse, rel) in zip(levels, _reconstruction_errors(codes, codebooks, vectors)):
+        for entry, (mse, rel, unexplained) in zip(levels, _reconstruction_errors(codes, codebooks, vectors)):
             entry["mse"] = mse
             entry["relative_error"] = rel
+            entry["unexplained_variance"] = unexplained
     prefixes = [{"length": length, **collision_rate(codes[:, :length])} for length in range(1, n_levels + 1)]
     report: dict[str, Any] = {
         "kind": "rq",
@@ -224,15 +228,15 @@ def render_markdown(report: dict[str, Any]) -> str:
                 "| prefix collision |")
         sep = "|---:|---:|---:|---:|---:|---:|---:|---:|"
         if has_err:
-            head += " MSE | relative error |"
-            sep += "---:|---:|"
+            head += " MSE | relative error | unexplained variance |"
+            sep += "---:|---:|---:|"
         out += [head, sep]
         for lv, px in zip(rq["levels"], rq["prefixes"]):
             row = (f"| {lv['level']} | {lv['codebook_size']} | {lv['used']} | {lv['utilisation']:.3f} | "
                    f"{lv['entropy_bits']:.2f} / {lv['max_entropy_bits']:.2f} | {lv['perplexity']:.1f} | "
                    f"{px['distinct']:,} | {px['collision_rate']:.4f} |")
             if has_err:
-                row += f" {lv['mse']:.3g} | {lv['relative_error']:.4f} |"
+                row += f" {lv['mse']:.3g} | {lv['relative_error']:.4f} | {lv['unexplained_variance']:.4f} |"
             out.append(row)
         full = rq["full_code"]
         out += ["", f"Full code: {full['distinct']:,} distinct codes, collision rate {full['collision_rate']:.4f}, "
@@ -267,23 +271,27 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def _reconstruction_errors(
     codes: np.ndarray, codebooks: Sequence[np.ndarray], vectors: np.ndarray
-) -> list[tuple[float, float]]:
-    """(mse, relative_error) after each level, accumulated in row chunks."""
+) -> list[tuple[float, float, float]]:
+    """(mse, relative_error, unexplained_variance) after each level, accumulated in row chunks."""
     vectors = np.asarray(vectors)
     if vectors.ndim != 2 or len(vectors) != len(codes):
         raise DataError(f"vectors must be ({len(codes)}, dim), got {vectors.shape}")
     dim = vectors.shape[1]
     sq_err = np.zeros(len(codebooks))
     energy = 0.0
+    total = np.zeros(dim, dtype=np.float64)
     for start in range(0, len(codes), _CHUNK):
         x = vectors[start:start + _CHUNK].astype(np.float32)
         energy += float(np.einsum("ij,ij->", x, x, dtype=np.float64))
+        total += x.sum(axis=0, dtype=np.float64)
         residual = x.copy()
         for level, book in enumerate(codebooks):
             residual -= book[codes[start:start + _CHUNK, level]]
             sq_err[level] += float(np.einsum("ij,ij->", residual, residual, dtype=np.float64))
     n = max(1, len(codes))
-    return [(float(e / (n * dim)), float(e / energy) if energy > 0 else 0.0) for e in sq_err]
+    spread = energy - float(total @ total) / n  # sum ||x - mean||^2
+    return [(float(e / (n * dim)), float(e / energy) if energy > 0 else 0.0,
+             float(e / spread) if spread > 0 else 0.0) for e in sq_err]
 
 
 def _category_agreement(rows: np.ndarray, item_cats: np.ndarray, catalogue_cats: np.ndarray) -> dict[str, Any]:

@@ -37,6 +37,15 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _show(data: dict[str, Any], as_json: bool, markdown: Any) -> None:
+    """Print a report as JSON on stdout, or rendered Markdown."""
+    if as_json:
+        json.dump(data, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        Console().print(Markdown(markdown(data)))
+
+
 def parse_sets(overrides: list[str] | None) -> dict[str, Any]:
     """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}``; values are read as YAML."""
     out: dict[str, Any] = {}
@@ -164,11 +173,7 @@ def data_describe(
         stats = describe_dataset(load_dataset(path))
     except QarmError as exc:
         _fail(exc)
-    if as_json:
-        json.dump(stats, sys.stdout, indent=2, default=str)
-        sys.stdout.write("\n")
-    else:
-        Console().print(Markdown(render_markdown(stats)))
+    _show(stats, as_json, render_markdown)
 
 
 @app.command()
@@ -263,11 +268,7 @@ def codes_inspect(
         report = inspect_codes(folder, store=store)
     except QarmError as exc:
         _fail(exc)
-    if as_json:
-        json.dump(report, sys.stdout, indent=2, default=str)
-        sys.stdout.write("\n")
-    else:
-        Console().print(Markdown(render_inspect_markdown(report)))
+    _show(report, as_json, render_inspect_markdown)
 
 
 @codes_app.command("publish")

@@ -90,7 +90,9 @@ def load_dataset(path: str | Path, *, validate: bool = True, ground_truth: bool 
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n", encoding="utf-8")
+    """Write ``data`` as indented JSON through a temporary name (numpy values become plain ones)."""
+    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n"
+    atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
 def atomic_directory(out_dir: Path, write: Any) -> None:

@@ -1,0 +1,105 @@
+"""Ranking models, each readable top to bottom in one file on the shared parts of ``layers.py``.
+
+* ``layers.py``: MLP, DIN target attention, MMoE, ID / VQ / RQ / frozen-vector embeddings, code matching;
+* ``baseline.py``: :class:`BaselineRanker`, IDs + DIN + frozen pre-trained vector + MMoE (and ID-only);
+* ``qarm.py``: :class:`QARMRanker`, the baseline plus aligned vector, VQ and RQ codes, code matching.
+
+:data:`MODELS` names the models; :func:`build_model` builds one from a name, the dataset's
+:class:`~qarm.features.FeatureSpec`, the :class:`~qarm.features.ItemTables` and a config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from qarm.config import from_dict, to_dict
+from qarm.errors import ConfigError
+from qarm.features.examples import FeatureSpec
+from qarm.features.tables import ItemTables
+from qarm.models.baseline import BaselineConfig, BaselineRanker
+from qarm.models.layers import MMoEConfig
+from qarm.models.qarm import QARMConfig, QARMRanker
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model: its class, its config class, and config values the name fixes."""
+
+    model: type[nn.Module]
+    config: type
+    fixed: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+
+
+MODELS: dict[str, ModelEntry] = {
+    "id_only": ModelEntry(BaselineRanker, BaselineConfig, {"use_frozen_vector": False},
+                          "item / user IDs + DIN attention over the history + MMoE"),
+    "baseline": ModelEntry(BaselineRanker, BaselineConfig, {"use_frozen_vector": True},
+                           "id_only + the frozen pre-trained item vector (the cascading baseline)"),
+    "qarm": ModelEntry(QARMRanker, QARMConfig, {},
+                       "baseline + aligned vector, VQ codes, RQ codes, code-matching sequences (switches)"),
+}
+
+
+def model_config(name: str, config: Any = None) -> Any:
+    """The typed config of model ``name`` from a dict (unknown keys rejected), a config, or None."""
+    entry = _entry(name)
+    if config is None or isinstance(config, dict):
+        data = dict(config or {})
+        for key, value in entry.fixed.items():
+            if key in data and data[key] != value:
+                raise ConfigError(f"model {name!r} fixes {key}={value!r}; got {data[key]!r} (use another model)")
+            data[key] = value
+        return from_dict(entry.config, data, where=f"model {name}")
+    if not isinstance(config, entry.config):
+        raise ConfigError(f"model {name!r} takes a {entry.config.__name__}, got {type(config).__name__}")
+    for key, value in entry.fixed.items():
+        if getattr(config, key) != value:
+            raise ConfigError(f"model {name!r} fixes {key}={value!r}; got {getattr(config, key)!r}")
+    return config
+
+
+def build_model(name: str, spec: FeatureSpec, tables: ItemTables, config: Any = None, *, seed: int = 0) -> nn.Module:
+    """Build model ``name`` with initial weights drawn from ``seed`` (the global RNG is left as it was).
+
+    Parameters
+    ----------
+    name : one of :data:`MODELS`
+    spec : FeatureSpec, e.g. ``ExampleSource.spec``
+    tables : ItemTables
+    config : dict, the model's config dataclass, or None (defaults)
+    seed : int
+
+    Returns
+    -------
+    nn.Module with ``forward(batch: RankingBatch) -> logits (B, T)``, and attributes ``config``,
+    ``tasks`` and ``model_name``.
+    """
+    entry = _entry(name)
+    typed = model_config(name, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = entry.model(spec, tables, typed)
+    model.model_name = name
+    return model
+
+
+def describe_model(model: nn.Module) -> dict[str, Any]:
+    """Name, config and parameter count of a built model (JSON-ready)."""
+    return {"name": getattr(model, "model_name", type(model).__name__), "class": type(model).__name__,
+            "config": to_dict(getattr(model, "config", None)) if getattr(model, "config", None) else None,
+            "parameters": int(sum(p.numel() for p in model.parameters()))}
+
+
+def _entry(name: str) -> ModelEntry:
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; available: {sorted(MODELS)}")
+    return MODELS[name]
+
+
+__all__ = ["MODELS", "BaselineConfig", "BaselineRanker", "MMoEConfig", "ModelEntry", "QARMConfig", "QARMRanker",
+           "build_model", "describe_model", "model_config"]

@@ -1,0 +1,400 @@
+"""Shared parts of the ranking models. A layer knows its inputs' shapes, never the model around it.
+
+* :class:`MLP`: Linear + ReLU stacks;
+* :class:`TargetAttention`: DIN's activation unit, history items weighted by their relevance to the
+  target and sum-pooled;
+* :class:`MMoE` (+ :class:`MMoEConfig`): shared experts, a softmax gate and a tower per task;
+* item embeddings from per-item tables held as buffers: :class:`IdEmbedding` (with an OOV row),
+  :class:`VQEmbedding` (VQ codes = catalogue item ids, own table, mean over the K codes),
+  :class:`RQEmbedding` (one table per level, summed), :class:`FrozenVector` (a fixed vector, projected);
+* :class:`CategoricalEmbeddings`: several categorical columns, one table each;
+* :class:`CodeMatchingSequences`: for l = 1..L the latest history items sharing the target's first l
+  RQ codes, pooled with target attention;
+* :func:`pack`: the packed (jagged) layout of a padded history; :func:`embed_unique`: embed the
+  distinct items of a batch once.
+
+The per-item tables are *non-persistent* buffers: a checkpoint holds learned weights only, and the
+tables come from the quantize / align folders (or a code store when serving new items).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qarm.errors import ConfigError
+from qarm.quantize._common import check_float, check_int
+
+EMBEDDING_STD = 0.01  # small initial embeddings: untrained rows (unseen users, rare codes) stay near 0
+
+
+def _buffer(values: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(values) if isinstance(values, np.ndarray) else values,
+                           dtype=dtype).contiguous()
+
+
+def embedding_table(rows: int, dim: int, padding_idx: int | None = None) -> nn.Embedding:
+    """An embedding table initialised N(0, EMBEDDING_STD), its padding row (if any) zero."""
+    table = nn.Embedding(rows, dim, padding_idx=padding_idx)
+    nn.init.normal_(table.weight, std=EMBEDDING_STD)
+    if padding_idx is not None:
+        with torch.no_grad():
+            table.weight[padding_idx].zero_()
+    return table
+
+
+class MLP(nn.Sequential):
+    """``in_dim -> hidden[0] -> ... -> hidden[-1]`` (ReLU after each), then ``-> out_dim`` without
+    activation when ``out_dim`` is given.
+
+    Input ``(..., in_dim)``, output ``(..., out_features)``.
+    """
+
+    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int | None = None, dropout: float = 0.0) -> None:
+        layers: list[nn.Module] = []
+        width = in_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        if out_dim is not None:
+            layers.append(nn.Linear(width, out_dim))
+            width = out_dim
+        super().__init__(*layers)
+        self.out_features = width
+
+
+class TargetAttention(nn.Module):
+    """DIN's target attention (Zhou et al., KDD 2018) with sum pooling, on packed sequences.
+
+    Each history item ``h`` of a row gets a weight ``a(h, t) = MLP([h, t, h - t, h * t])`` against the
+    row's query (target) ``t``, and the row's output is ``sum_h a(h, t) h``; weights are not
+    softmax-normalised, as in DIN, so the pooled vector's size also says how strong the interest is.
+
+    Sequences are *packed* (jagged, as TorchRec's ``KeyedJaggedTensor``): the ``P`` filled slots of all
+    rows in one ``(P, D)`` matrix with each slot's row index. Only real items cost work; histories are
+    mostly shorter than their ``n`` slots (MicroLens: 7 positives per user on average), so the padded
+    form would spend most of its time on padding.
+
+    The first layer acts on ``[h, t, h * t]``: ``h - t`` is a linear function of ``h`` and ``t``, so
+    the four-part input spans the same first layer, and splitting it lets the query's part be computed
+    once per row instead of once per slot.
+
+    Parameters
+    ----------
+    dim : int
+        ``D``, the size of the query and key vectors.
+    hidden : sequence of int
+        Sizes of the attention MLP's hidden layers (DIN: 80, 40).
+    """
+
+    def __init__(self, dim: int, hidden: Sequence[int] = (64, 32)) -> None:
+        super().__init__()
+        if not hidden:
+            raise ConfigError("TargetAttention needs at least one hidden layer")
+        self.key = nn.Linear(dim, hidden[0])
+        self.query = nn.Linear(dim, hidden[0], bias=False)
+        self.product = nn.Linear(dim, hidden[0], bias=False)
+        self.score = MLP(hidden[0], hidden[1:], out_dim=1)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """Pool each row's keys by their relevance to the row's query.
+
+        Parameters
+        ----------
+        query : float (R, D), one per row
+        keys : float (P, D), the filled slots of all rows
+        row : int64 (P,), each slot's row in ``0..R-1``
+
+        Returns
+        -------
+        float (R, D); zeros for rows without slots.
+        """
+        q = query[row]  # (P, D)
+        hidden = torch.relu(self.key(keys) + self.query(query)[row] + self.product(keys * q))  # (P, H)
+        weight = self.score(hidden)  # (P, 1)
+        return torch.zeros_like(query).index_add(0, row, weight * keys)
+
+
+def pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed layout of a padded ``(B, n)`` sequence whose filled slots are ``mask``.
+
+    Returns
+    -------
+    row : int64 (P,), the row of each filled slot, in row-major order (``x[mask]`` order)
+    index : int64 (B, n), each slot's position in the packed ``(P, ...)`` layout, -1 for empty slots
+    """
+    row = mask.nonzero()[:, 0]
+    index = mask.reshape(-1).cumsum(0).view(mask.shape) - 1
+    return row, index.masked_fill(~mask, -1)
+
+
+@dataclass
+class MMoEConfig:
+    """The multi-task head (Ma et al., KDD 2018)."""
+
+    n_experts: int = 4  # a few experts suffice for 1-3 tasks; the gate learns how tasks share them
+    expert_hidden: tuple[int, ...] = (128,)  # one ReLU layer per expert, as in the MMoE paper; ~1/4 of a CPU step
+    tower_hidden: tuple[int, ...] = (64,)  # a small tower per task on top of its expert mixture
+    dropout: float = 0.0  # the examples are many and the model small: no dropout by default
+
+    def __post_init__(self) -> None:
+        check_int("MMoEConfig", "n_experts", self.n_experts, 1)
+        if not self.expert_hidden:
+            raise ConfigError("The 'expert_hidden' parameter of MMoEConfig must be a non-empty list of ints. "
+                              f"Got {self.expert_hidden!r} instead.")
+        for name in ("expert_hidden", "tower_hidden"):
+            for size in getattr(self, name):
+                check_int("MMoEConfig", name, size, 1)
+        check_float("MMoEConfig", "dropout", self.dropout, 0.0, 0.99)
+
+
+class MMoE(nn.Module):
+    """Multi-gate mixture of experts: shared experts, one softmax gate and one tower per task.
+
+    Input ``(B, in_dim)``, output logits ``(B, T)``.
+    """
+
+    def __init__(self, in_dim: int, n_tasks: int, config: MMoEConfig | None = None) -> None:
+        super().__init__()
+        config = config or MMoEConfig()
+        self.n_tasks, self.n_experts = n_tasks, config.n_experts
+        self.experts = nn.ModuleList(MLP(in_dim, config.expert_hidden, dropout=config.dropout)
+                                     for _ in range(config.n_experts))
+        self.gates = nn.Linear(in_dim, n_tasks * config.n_experts)  # all tasks' gates in one matmul
+        width = config.expert_hidden[-1]
+        self.towers = nn.ModuleList(MLP(width, config.tower_hidden, out_dim=1, dropout=config.dropout)
+                                    for _ in range(n_tasks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        experts = torch.stack([expert(x) for expert in self.experts], dim=1)  # (B, E, H)
+        gates = self.gates(x).view(-1, self.n_tasks, self.n_experts).softmax(dim=-1)  # (B, T, E)
+        mixed = torch.bmm(gates, experts)  # (B, T, H)
+        return torch.cat([tower(mixed[:, t]) for t, tower in enumerate(self.towers)], dim=1)  # (B, T)
+
+
+class IdEmbedding(nn.Module):
+    """Item ID embeddings through a vocabulary: ``index[item]`` is the item's row, row 0 is OOV.
+
+    Parameters
+    ----------
+    index : int array (n_items,)
+        Vocabulary rows in ``0..n_vocab`` (0: out of vocabulary).
+    dim : int
+
+    Input: item ids (any shape, >= 0); output ``(..., dim)``.
+    """
+
+    def __init__(self, index: np.ndarray | torch.Tensor, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("index", _buffer(index, torch.int64), persistent=False)
+        self.table = embedding_table(int(self.index.max()) + 1 if len(self.index) else 1, dim)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        return self.table(self.index[items])
+
+
+class VQEmbedding(nn.Module):
+    """VQ codes (catalogue item ids of the top-K neighbours) embedded with their own table, mean over K.
+
+    The table is not the item ID table: a VQ code stands for "similar to catalogue item j", a learned
+    meaning of its own, and a cold item reaches trained code embeddings through its warm neighbours.
+
+    Parameters
+    ----------
+    codes : int array (n_items, K_stored)
+        VQ codes, most similar first; -1 marks a missing neighbour (left out of the mean).
+    n_catalogue : int
+        Code values lie in ``0..n_catalogue-1``.
+    dim : int
+    k : int or None
+        Use the first ``k`` codes (the ``k`` nearest); None: all.
+    """
+
+    def __init__(self, codes: np.ndarray | torch.Tensor, n_catalogue: int, dim: int, k: int | None = None) -> None:
+        super().__init__()
+        codes = _buffer(codes, torch.int64)
+        k = codes.shape[1] if k is None else k
+        if not 1 <= k <= codes.shape[1]:
+            raise ConfigError(f"vq_k must be in 1..{codes.shape[1]} (the stored K), got {k}")
+        codes = codes[:, :k].clone()
+        codes[codes < 0] = n_catalogue  # the padding row, excluded from the mean by embedding_bag
+        self.register_buffer("codes", codes.contiguous(), persistent=False)
+        self.table = embedding_table(n_catalogue + 1, dim, padding_idx=n_catalogue)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        flat = items.reshape(-1)
+        pooled = F.embedding_bag(self.codes[flat], self.table.weight, mode="mean",
+                                 padding_idx=self.table.padding_idx)
+        return pooled.view(*items.shape, -1)
+
+
+class RQEmbedding(nn.Module):
+    """RQ codes: one embedding table per level, the levels' embeddings summed.
+
+    Summing per-level embeddings is the "unigram semantic ID" of Singh et al. (2023, *Better
+    Generalization with Semantic IDs*): items sharing a coarse code share that part of their
+    embedding, and the width does not grow with L. The tables are one matrix with level offsets, so the
+    lookup is a single ``embedding_bag``.
+
+    Parameters
+    ----------
+    codes : int array (n_items, L)
+    sizes : sequence of L ints, each level's codebook size
+    dim : int
+    """
+
+    def __init__(self, codes: np.ndarray | torch.Tensor, sizes: Sequence[int], dim: int) -> None:
+        super().__init__()
+        codes = _buffer(codes, torch.int64)
+        if codes.shape[1] != len(sizes):
+            raise ConfigError(f"RQ codes have {codes.shape[1]} levels but {len(sizes)} codebook sizes were given")
+        offsets = torch.tensor(np.concatenate([[0], np.cumsum(sizes)[:-1]]), dtype=torch.int64)
+        self.register_buffer("codes", codes, persistent=False)  # raw codes, for code matching
+        self.register_buffer("flat_codes", (codes + offsets).contiguous(), persistent=False)
+        self.table = embedding_table(int(sum(sizes)), dim)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        flat = items.reshape(-1)
+        pooled = F.embedding_bag(self.flat_codes[flat], self.table.weight, mode="sum")
+        return pooled.view(*items.shape, -1)
+
+
+class FrozenVector(nn.Module):
+    """A fixed item vector (pre-trained or aligned), not trained, through a learned linear projection.
+
+    This is the cascading baseline's feature: the vector itself cannot move with the ranking loss
+    (the "representation unlearning" QARM's codes address), only its projection can.
+
+    Parameters
+    ----------
+    vectors : float array (n_items, D)
+    dim : int, the projection's output size
+    """
+
+    def __init__(self, vectors: np.ndarray | torch.Tensor, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("vectors", _buffer(vectors, torch.float32), persistent=False)
+        self.project = nn.Linear(self.vectors.shape[1], dim)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        return self.project(self.vectors[items])
+
+
+class CategoricalEmbeddings(nn.Module):
+    """Several categorical columns, one table each (one matrix with offsets), concatenated.
+
+    Input int ``(B, F)`` with column ``f`` in ``0..sizes[f]-1``; output ``(B, F * dim)``.
+    """
+
+    def __init__(self, sizes: Sequence[int], dim: int) -> None:
+        super().__init__()
+        self.register_buffer("offsets", torch.tensor(np.concatenate([[0], np.cumsum(sizes)[:-1]]),
+                                                     dtype=torch.int64), persistent=False)
+        self.table = embedding_table(int(sum(sizes)), dim)
+        self.out_features = len(sizes) * dim
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        return self.table(values + self.offsets).flatten(1)
+
+
+class CodeMatchingSequences(nn.Module):
+    """QARM's target-aware sequences: for l = 1..L, the latest ``length`` history items whose first
+    ``l`` RQ codes equal the target's, each sequence pooled by target attention.
+
+    Level 1 gathers the history in the target's coarsest cluster, level L the items with the target's
+    full code (often the target itself or near-duplicates). One attention unit serves every level.
+
+    Parameters
+    ----------
+    dim : int, ``D``
+    length : int, ``m``, items kept per level
+    attention_hidden : the attention MLP's hidden sizes
+    """
+
+    def __init__(self, dim: int, length: int = 10, attention_hidden: Sequence[int] = (64, 32)) -> None:
+        super().__init__()
+        self.length = length
+        self.attention = TargetAttention(dim, attention_hidden)
+
+    @staticmethod
+    def matches(target_codes: torch.Tensor, history_codes: torch.Tensor, mask: torch.Tensor,
+                length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which history slots enter each level's sequence.
+
+        Parameters
+        ----------
+        target_codes : int (B, L)
+        history_codes : int (B, n, L)
+        mask : bool (B, n), filled slots; history is most recent first
+        length : m
+
+        Returns
+        -------
+        positions : int64 (B, L, m'), ``m' = min(m, n)``: level l's history slots, most recent first
+        valid : bool (B, L, m'), False for entries beyond the level's matches
+        """
+        n = history_codes.shape[1]
+        m = min(length, n)
+        prefix_equal = (history_codes == target_codes.unsqueeze(1)).to(torch.int8).cummin(dim=-1).values
+        match = prefix_equal.bool() & mask.unsqueeze(-1)  # (B, n, L): the first l+1 codes are equal
+        match = match.transpose(1, 2)  # (B, L, n)
+        # The latest m matches are the first m along n: score them n - position, the rest 0.
+        recency = torch.arange(n, 0, -1, device=match.device, dtype=torch.float32)
+        score, positions = (match * recency).topk(m, dim=-1)  # (B, L, m), highest score = most recent first
+        return positions, score > 0
+
+    def forward(self, target: torch.Tensor, history: torch.Tensor, index: torch.Tensor,
+                target_codes: torch.Tensor, history_codes: torch.Tensor) -> torch.Tensor:
+        """Pooled sequences.
+
+        Parameters
+        ----------
+        target : float (B, D)
+        history : float (P, D), the filled history slots, packed (see :func:`pack`)
+        index : int64 (B, n), each slot's row in ``history``, -1 for empty slots
+        target_codes : int (B, L)
+        history_codes : int (B, n, L), any value in empty slots
+
+        Returns
+        -------
+        float (B, L, D): level l's sequence pooled by attention to the target (zeros when empty).
+        """
+        b, levels = target_codes.shape
+        positions, valid = self.matches(target_codes, history_codes, index >= 0, self.length)
+        example, level, _ = valid.nonzero(as_tuple=True)
+        keys = history[index[example, positions[valid]]]  # (P', D)
+        pooled = self.attention(target.repeat_interleave(levels, dim=0), keys, example * levels + level)
+        return pooled.view(b, levels, -1)
+
+
+def embed_unique(embed: Callable[[torch.Tensor], torch.Tensor], *ids: torch.Tensor) -> list[torch.Tensor]:
+    """``embed`` applied to every id tensor, computing each distinct id once.
+
+    A batch of B examples with n history slots names ``B (n + 1)`` items but far fewer distinct ones;
+    embedding (code lookups, projections) per distinct item and gathering is the cheaper order.
+    Negative ids (history padding) are embedded as item 0; mask them downstream.
+
+    Parameters
+    ----------
+    embed : maps int64 ``(N,)`` to float ``(N, D)``
+    ids : int64 tensors of any shapes
+
+    Returns
+    -------
+    One float tensor ``(*ids[i].shape, D)`` per input.
+    """
+    flat = torch.cat([t.reshape(-1) for t in ids]).clamp(min=0)
+    unique, inverse = torch.unique(flat, return_inverse=True)
+    vectors = embed(unique)[inverse]
+    out, begin = [], 0
+    for t in ids:
+        out.append(vectors[begin:begin + t.numel()].view(*t.shape, vectors.shape[-1]))
+        begin += t.numel()
+    return out

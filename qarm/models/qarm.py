@@ -1,0 +1,156 @@
+"""QARM's ranking model (paper, section 2.4): the baseline's IDs and DIN attention, plus the quantitative
+codes of every item as learnable ID features, and the target-aware code-matching sequences.
+
+Each addition is a switch, so one class covers the ablation rows (ID-only, + frozen vector,
++ aligned vector, + VQ, + RQ, + VQ & RQ, + code matching):
+
+* ``vector``: ``"none"``, ``"pretrained"`` or ``"aligned"``: a frozen item vector, projected;
+* ``use_vq``: the item's first ``vq_k`` VQ codes (ids of its nearest catalogue items), own table, mean;
+* ``use_rq``: the item's L RQ codes, one table per level, summed;
+* ``use_code_matching``: for l = 1..L, the latest ``match_length`` history items whose first l RQ codes
+  equal the target's, each pooled by attention to the target.
+
+Codes enter every item representation, the target's and the history's alike, so the DIN attention
+compares items through their codes too; a cold-start item (ID out of vocabulary) is represented by
+its codes and vector.
+
+Shapes (B examples, n history slots, L RQ levels, m = match_length, T tasks)::
+
+    item representation   e(i) = [id(i) | W v(i) | mean_k vq_k(i) | sum_l rq_l(i)]   (B, D_item)
+    history               e(h_1..h_n), most recent first, packed                        (P, D_item)
+    interest              DIN(target, history)                                          (B, D_item)
+    code matching         DIN(target, latest m of history with target's l-prefix)       (B, L, D_item)
+    input                 [target | interest | code matching (flat) | user id | user side | category]
+    logits                MMoE(input)                                                   (B, T)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from qarm.errors import ConfigError
+from qarm.features.batch import RankingBatch
+from qarm.features.examples import FeatureSpec
+from qarm.features.tables import ItemTables
+from qarm.models.layers import (CategoricalEmbeddings, CodeMatchingSequences, FrozenVector, IdEmbedding, MMoE,
+                                MMoEConfig, RQEmbedding, TargetAttention, VQEmbedding, embed_unique,
+                                embedding_table, pack)
+from qarm.quantize._common import check_bool, check_int, check_option
+
+VECTORS = ("none", "pretrained", "aligned")
+
+
+@dataclass
+class QARMConfig:
+    """The QARM ranking model and its switches."""
+
+    id_dim: int = 32  # item and user ID embeddings, as in the baseline
+    vector: Literal["none", "pretrained", "aligned"] = "aligned"  # QARM's aligned vector beside its codes
+    vector_dim: int = 32  # the frozen vector's projection
+    use_vq: bool = True  # VQ codes: top-K neighbour ids, the paper's "VQ code"
+    use_rq: bool = True  # RQ codes: residual k-means semantic ids
+    use_code_matching: bool = True  # the l-code matching sequences (needs RQ codes in the tables)
+    vq_k: int | None = None  # first k of the stored K codes (the nearest); None: all (the paper: 25)
+    code_dim: int = 32  # embedding size of a VQ or RQ code (ablation: 16 / 32 / 64)
+    match_length: int = 10  # items per code-matching sequence: the latest few per level suffice
+    side_dim: int = 8  # each user side feature and the category
+    attention_hidden: tuple[int, ...] = (64, 32)  # DIN's activation unit, shared size for all attentions
+    head: MMoEConfig = field(default_factory=MMoEConfig)
+
+    def __post_init__(self) -> None:
+        check_option("QARMConfig", "vector", self.vector, VECTORS)
+        for name in ("id_dim", "vector_dim", "code_dim", "match_length", "side_dim"):
+            check_int("QARMConfig", name, getattr(self, name), 1)
+        check_int("QARMConfig", "vq_k", self.vq_k, 1, none_ok=True)
+        for name in ("use_vq", "use_rq", "use_code_matching"):
+            check_bool("QARMConfig", name, getattr(self, name))
+        for size in self.attention_hidden:
+            check_int("QARMConfig", "attention_hidden", size, 1)
+
+
+class QARMRanker(nn.Module):
+    """The QARM ranking model. ``forward(batch) -> logits (B, T)``.
+
+    Parameters
+    ----------
+    spec : FeatureSpec, the dataset's sizes and tasks
+    tables : ItemTables, with VQ / RQ codes (``use_vq``, ``use_rq``, ``use_code_matching``) and the
+        chosen frozen vector
+    config : QARMConfig
+    """
+
+    def __init__(self, spec: FeatureSpec, tables: ItemTables, config: QARMConfig | None = None) -> None:
+        super().__init__()
+        self.config = c = config or QARMConfig()
+        self.tasks = spec.tasks
+        _check_tables(c, tables)
+        # Item side: ID, frozen vector, VQ codes, RQ codes; each optional but the ID.
+        self.item_id = IdEmbedding(tables.id_index, c.id_dim)
+        self.vector = FrozenVector(tables.vectors[c.vector], c.vector_dim) if c.vector != "none" else None
+        self.vq = VQEmbedding(tables.vq, tables.n_items, c.code_dim, c.vq_k) if c.use_vq else None
+        self.rq = RQEmbedding(tables.rq, tables.rq_sizes, c.code_dim) if c.use_rq else None
+        item_dim = c.id_dim + (c.vector_dim if self.vector is not None else 0) \
+            + (c.code_dim if self.vq is not None else 0) + (c.code_dim if self.rq is not None else 0)
+        # User side: the history against the target, the code-matching sequences, ID and side features.
+        self.interest = TargetAttention(item_dim, c.attention_hidden)
+        self.code_matching = None
+        if c.use_code_matching:
+            self.code_matching = CodeMatchingSequences(item_dim, c.match_length, c.attention_hidden)
+            self.register_buffer("rq_codes", torch.as_tensor(tables.rq, dtype=torch.int64), persistent=False)
+        self.user_id = embedding_table(spec.n_users, c.id_dim)
+        self.user_side = CategoricalEmbeddings([s for _, s in spec.user_features], c.side_dim) \
+            if spec.user_features else None
+        self.category = embedding_table(spec.n_categories, c.side_dim) if spec.n_categories else None
+        # Head.
+        n_sequences = 2 + (tables.rq_levels if self.code_matching is not None else 0)  # target, interest, L
+        in_dim = n_sequences * item_dim + c.id_dim \
+            + (self.user_side.out_features if self.user_side is not None else 0) \
+            + (c.side_dim if self.category is not None else 0)
+        self.head = MMoE(in_dim, len(spec.tasks), c.head)
+
+    def embed_items(self, items: torch.Tensor) -> torch.Tensor:
+        """Item representations: int64 (N,) -> float (N, D_item)."""
+        parts = [self.item_id(items)]
+        for part in (self.vector, self.vq, self.rq):
+            if part is not None:
+                parts.append(part(items))
+        return torch.cat(parts, dim=-1)
+
+    def forward(self, batch: RankingBatch) -> torch.Tensor:
+        mask = batch.history_mask  # (B, n)
+        row, index = pack(mask)  # only filled history slots are computed: (P,) rows, (B, n) packed index
+        target, history = embed_unique(self.embed_items, batch.item, batch.history[mask])  # (B, D), (P, D)
+        parts = [target, self.interest(target, history, row)]
+        if self.code_matching is not None:
+            codes = self.rq_codes
+            matched = self.code_matching(target, history, index, codes[batch.item],
+                                         codes[batch.history.clamp(min=0)])  # (B, L, D)
+            parts.append(matched.flatten(1))
+        parts.append(self.user_id(batch.user))
+        if self.user_side is not None:
+            parts.append(self.user_side(_required(batch.user_features, "user_features")))
+        if self.category is not None:
+            parts.append(self.category(_required(batch.category, "category")))
+        return self.head(torch.cat(parts, dim=-1))
+
+
+def _check_tables(c: QARMConfig, tables: ItemTables) -> None:
+    if c.vector != "none" and c.vector not in tables.vectors:
+        raise ConfigError(f"vector={c.vector!r} but the item tables hold {sorted(tables.vectors)} "
+                          "(build them with align_dir=...)")
+    if c.use_vq and tables.vq is None:
+        raise ConfigError("use_vq needs VQ codes; build the item tables with quantize_dir=...")
+    if (c.use_rq or c.use_code_matching) and tables.rq is None:
+        raise ConfigError("use_rq and use_code_matching need RQ codes; build the item tables with quantize_dir=...")
+    if c.vq_k is not None and c.use_vq and c.vq_k > tables.vq_k:
+        raise ConfigError(f"vq_k={c.vq_k} but the quantize folder stores K={tables.vq_k} codes per item")
+
+
+def _required(value: torch.Tensor | None, name: str) -> torch.Tensor:
+    if value is None:
+        raise ConfigError(f"the model was built with {name} but the batch has none")
+    return value

@@ -1,0 +1,134 @@
+"""The ranking stage as one library function: data + codes + vectors -> a trained model and its report.
+
+:func:`train_ranking` builds the examples (:class:`~qarm.features.ExampleSource`), the item tables
+(:class:`~qarm.features.ItemTables`), the model (:func:`~qarm.models.build_model`), trains it
+(:func:`~qarm.train.trainer.train`), scores the evaluation split and measures it
+(:func:`~qarm.evaluate.metrics.evaluate_predictions`). One call is one row of an ablation table; a
+caller running many rows passes one ``source`` to all of them so the Parquet files are read once.
+
+Out folder::
+
+    train/                checkpoint.safetensors, state.json, best.safetensors (resume)
+    predictions.parquet   the evaluation split's scores (user_id, item_id, label_*, score_*, ...)
+    report.json           config, seed, versions, model, data, history, speed, metrics
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qarm import __version__
+from qarm.config import from_dict, to_dict
+from qarm.data.io import write_json
+from qarm.errors import ConfigError
+from qarm.evaluate.metrics import evaluate_predictions
+from qarm.features.examples import ExampleSource
+from qarm.features.tables import ItemTables
+from qarm.models import build_model, describe_model, model_config
+from qarm.train.trainer import TrainConfig, predict, train
+
+REPORT_FILE = "report.json"
+PREDICTIONS_FILE = "predictions.parquet"
+TRAIN_DIR = "train"
+
+
+@dataclass
+class RankingConfig:
+    """One ranking run: which model with which switches, how long the history, how to train."""
+
+    model: str = "qarm"  # see qarm.models.MODELS
+    model_config: dict[str, Any] = field(default_factory=dict)  # the model's own config (switches, sizes)
+    history_length: int = 50  # the paper's user-side sequence length
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_split: str = "test"  # the split the report measures (validation drives early stopping)
+
+    def __post_init__(self) -> None:
+        model_config(self.model, self.model_config)  # unknown model or keys fail here, with the message
+        if self.eval_split not in ("valid", "test"):
+            raise ConfigError(f"The 'eval_split' parameter of RankingConfig must be 'valid' or 'test'. "
+                              f"Got {self.eval_split!r} instead.")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> RankingConfig:
+        return from_dict(cls, data, where="ranking")
+
+
+def train_ranking(dataset_dir: str | Path | None, out_dir: str | Path, config: RankingConfig | None = None, *,
+                  quantize_dir: str | Path | None = None, align_dir: str | Path | None = None,
+                  source: ExampleSource | None = None, tables: ItemTables | None = None, resume: bool = True,
+                  progress: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train and evaluate one ranking model; write ``out_dir`` and return its report.
+
+    Parameters
+    ----------
+    dataset_dir : path or None
+        A prepared dataset folder; may be None when ``source`` is given.
+    out_dir : path
+    config : RankingConfig
+    quantize_dir, align_dir : paths or None
+        Codes (``qarm quantize``) and frozen vectors (``qarm align``) for the item tables.
+    source, tables : optional, already built (shared across the runs of an ablation)
+    resume : bool
+        Continue an interrupted run from ``out_dir/train``.
+    progress, log : progress bar and one line per validation
+
+    Returns
+    -------
+    dict, also written to ``report.json``: ``metrics`` is :func:`evaluate_predictions`'s report on
+    ``eval_split``; ``examples_per_second`` the training speed.
+    """
+    config = config or RankingConfig()
+    say = log or (lambda line: None)
+    out_dir = Path(out_dir)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    if source is None:
+        if dataset_dir is None:
+            raise ConfigError("train_ranking needs a dataset_dir or a source")
+        source = ExampleSource.from_folder(dataset_dir, history_length=config.history_length)
+    elif source.history_length != config.history_length:
+        raise ConfigError(f"the source was built with history_length={source.history_length}, the config asks "
+                          f"for {config.history_length}")
+    if tables is None:
+        tables = ItemTables.build(source, quantize_dir=quantize_dir, align_dir=align_dir)
+    seconds["features"] = time.perf_counter() - start
+
+    model = build_model(config.model, source.spec, tables, config.model_config, seed=config.train.seed)
+    say(f"ranking: {config.model} ({describe_model(model)['parameters']:,} parameters) on "
+        f"{len(source.rows('train')):,} training rows")
+    start = time.perf_counter()
+    result = train(model, source, config.train, out_dir / TRAIN_DIR, resume=resume, progress=progress, log=log)
+    seconds["train"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    frame = predict(result.model, source, config.eval_split, batch_size=config.train.eval_batch_size)
+    groups = (source.meta.prepared.get("split") or {}).get("longtail_groups") or []
+    metrics = evaluate_predictions(frame, list(source.tasks),
+                                   n_longtail_groups=len(groups) or int(source.item_longtail.max(initial=0)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(out_dir / PREDICTIONS_FILE, index=False)
+    seconds["evaluate"] = time.perf_counter() - start
+
+    report = {
+        "qarm_version": __version__,
+        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "config": to_dict(config),
+        "seed": config.train.seed,
+        "model": describe_model(result.model),
+        "data": source.describe(),
+        "tables": tables.describe(),
+        "eval_split": config.eval_split,
+        "metrics": metrics,
+        "history": result.history.to_dict(),
+        "examples_per_second": result.examples_per_second,
+        "seconds": seconds,
+    }
+    write_json(out_dir / REPORT_FILE, report)
+    overall = {t: round(metrics[t]["overall"]["gauc"], 4) for t in source.tasks}
+    say(f"ranking: {config.model} {config.eval_split} GAUC {overall}, {result.examples_per_second:,.0f} examples/s")
+    return report

@@ -1,0 +1,222 @@
+"""Ranking models and their layers: shapes, masking, code matching, OOV, each model's forward/backward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qarm.data.prepare import prepare_dataset
+from qarm.data.synthetic import SyntheticConfig, generate
+from qarm.errors import ConfigError
+from qarm.features import OOV, ExampleSource, ItemTables
+from qarm.models import MODELS, QARMConfig, build_model, describe_model, model_config
+from qarm.models.layers import (MLP, CodeMatchingSequences, IdEmbedding, MMoE, MMoEConfig, RQEmbedding,
+                                TargetAttention, VQEmbedding, embed_unique, pack)
+from qarm.quantize.api import QuantizeConfig, RQConfig, VQConfig, quantize_items
+
+pytestmark = pytest.mark.filterwarnings("ignore:k-means of")  # tiny catalogues: few points per centroid
+
+
+@pytest.fixture(scope="module")
+def source() -> ExampleSource:
+    return ExampleSource(prepare_dataset(generate(SyntheticConfig(n_items=300, n_users=150, n_interactions=6000))),
+                         history_length=20)
+
+
+@pytest.fixture(scope="module")
+def tables(source, tmp_path_factory) -> ItemTables:
+    vectors = np.random.default_rng(0).normal(size=(source.spec.n_items, 16)).astype(np.float32)
+    out = tmp_path_factory.mktemp("codes") / "quantize"
+    quantize_items(vectors, None, out, QuantizeConfig(rq=RQConfig(codebook_size=4, levels=3), vq=VQConfig(k=5),
+                                                      write_store=False))
+    return ItemTables.build(source, quantize_dir=out, vectors={"pretrained": vectors, "aligned": vectors[:, ::-1]})
+
+
+# -- layers ----------------------------------------------------------------------------------------
+
+
+def test_mmoe_gives_one_logit_per_task():
+    head = MMoE(24, n_tasks=3, config=MMoEConfig(n_experts=5, expert_hidden=(16, 8), tower_hidden=(4,)))
+    out = head(torch.randn(7, 24))
+    assert out.shape == (7, 3)
+    assert len(head.experts) == 5 and len(head.towers) == 3
+    out.sum().backward()
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_mlp_out_features():
+    assert MLP(10, (8, 4), out_dim=1).out_features == 1
+    assert MLP(10, (8, 4)).out_features == 4
+
+
+def test_target_attention_pools_only_the_rows_slots():
+    torch.manual_seed(0)
+    att = TargetAttention(4, (6, 3))
+    query, keys = torch.randn(3, 4), torch.randn(5, 4)
+    row = torch.tensor([0, 0, 0, 2, 2])  # row 1 has no slot
+    out = att(query, keys, row)
+    assert out.shape == (3, 4)
+    assert torch.equal(out[1], torch.zeros(4))
+    # the same as DIN's concatenated input [h, t, h - t, h * t] with an equivalent first layer
+    w_h, w_t, w_p = att.key.weight, att.query.weight, att.product.weight
+    for r in (0, 2):
+        h = keys[row == r]
+        t = query[r].expand_as(h)
+        hidden = torch.relu(torch.cat([h, t, h - t, h * t], 1) @ torch.cat([w_h, w_t, torch.zeros_like(w_h), w_p], 1).T
+                            + att.key.bias)
+        weight = att.score(hidden)
+        torch.testing.assert_close(out[r], (weight * h).sum(0))
+
+
+def test_pack_layout():
+    mask = torch.tensor([[True, True, False], [False, False, False], [True, False, False]])
+    row, index = pack(mask)
+    assert row.tolist() == [0, 0, 2]
+    assert index.tolist() == [[0, 1, -1], [-1, -1, -1], [2, -1, -1]]
+
+
+def test_code_matching_hand_case():
+    target = torch.tensor([[1, 2, 3]])
+    # history (most recent first): full match, level-1 match, level-2 match, no match, pad (codes equal but empty)
+    history = torch.tensor([[[1, 2, 3], [1, 0, 3], [1, 2, 0], [0, 2, 3], [1, 2, 3]]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    positions, valid = CodeMatchingSequences.matches(target, history, mask, length=2)
+    assert positions.shape == (1, 3, 2)
+    # level 1: slots 0, 1, 2 match; the latest two are kept
+    assert positions[0, 0][valid[0, 0]].tolist() == [0, 1]
+    # level 2: slots 0 and 2
+    assert positions[0, 1][valid[0, 1]].tolist() == [0, 2]
+    # level 3: slot 0 only (slot 4 matches but is padding)
+    assert positions[0, 2][valid[0, 2]].tolist() == [0]
+
+
+def test_code_matching_pools_the_matched_items():
+    torch.manual_seed(0)
+    layer = CodeMatchingSequences(dim=3, length=4, attention_hidden=(5,))
+    target, history = torch.randn(1, 3), torch.randn(3, 3)
+    index = torch.tensor([[0, 1, 2, -1]])
+    codes_t = torch.tensor([[1, 1]])
+    codes_h = torch.tensor([[[1, 1], [1, 0], [0, 1], [1, 1]]])
+    out = layer(target, history, index, codes_t, codes_h)
+    assert out.shape == (1, 2, 3)
+    level1 = layer.attention(target, history[[0, 1]], torch.tensor([0, 0]))
+    level2 = layer.attention(target, history[[0]], torch.tensor([0]))
+    torch.testing.assert_close(out[0, 0], level1[0])
+    torch.testing.assert_close(out[0, 1], level2[0])
+
+
+def test_id_embedding_maps_oov_items_to_row_zero():
+    emb = IdEmbedding(np.array([1, 0, 2, 0]), 4)
+    assert emb.table.num_embeddings == 3
+    torch.testing.assert_close(emb(torch.tensor([1, 3])), emb.table.weight[[0, 0]])
+
+
+def test_vq_embedding_takes_the_first_k_codes_and_skips_missing_ones():
+    codes = np.array([[2, 3, 1], [0, -1, 3]])
+    emb = VQEmbedding(codes, n_catalogue=4, dim=5, k=2)
+    w = emb.table.weight
+    out = emb(torch.tensor([0, 1]))
+    torch.testing.assert_close(out[0], (w[2] + w[3]) / 2)
+    torch.testing.assert_close(out[1], w[0])  # the missing neighbour is left out of the mean
+    with pytest.raises(ConfigError, match=r"vq_k must be in 1..3"):
+        VQEmbedding(codes, 4, 5, k=4)
+
+
+def test_rq_embedding_sums_one_table_per_level():
+    emb = RQEmbedding(np.array([[0, 1], [1, 1]]), sizes=[2, 3], dim=4)
+    w = emb.table.weight
+    torch.testing.assert_close(emb(torch.tensor([0]))[0], w[0] + w[2 + 1])
+    torch.testing.assert_close(emb(torch.tensor([[1]]))[0, 0], w[1] + w[2 + 1])
+
+
+def test_embed_unique_equals_direct_embedding():
+    table = torch.randn(10, 3)
+    a, b = torch.tensor([4, 1, 4]), torch.tensor([[1, 9], [-1, 4]])
+    x, y = embed_unique(lambda ids: table[ids], a, b)
+    torch.testing.assert_close(x, table[a])
+    torch.testing.assert_close(y, table[b.clamp(min=0)])
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+VARIANTS = [
+    ("id_only", None),
+    ("baseline", None),
+    ("qarm", None),
+    ("qarm", {"vector": "none", "use_vq": False, "use_rq": False, "use_code_matching": False}),
+    ("qarm", {"vector": "pretrained", "use_vq": True, "use_rq": False, "use_code_matching": False, "vq_k": 3}),
+    ("qarm", {"vector": "none", "use_vq": False, "use_rq": True, "use_code_matching": True, "code_dim": 8}),
+]
+
+
+@pytest.mark.parametrize("name, config", VARIANTS)
+def test_each_model_forward_backward(source, tables, name, config):
+    model = build_model(name, source.spec, tables, config)
+    batch = source.batch(source.order("train", shuffle=True)[:128])
+    logits = model(batch)
+    assert logits.shape == (128, 2) and torch.isfinite(logits).all()
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels).backward()
+    without_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not without_grad
+    assert describe_model(model)["name"] == name
+
+
+def test_cold_items_are_scored_through_codes_not_their_id(source, tables):
+    model = build_model("qarm", source.spec, tables, {"vector": "none"}).eval()
+    cold = np.flatnonzero(source.item_cold)
+    pick = [cold[0], next(c for c in cold[1:] if tables.rq[c].tolist() != tables.rq[cold[0]].tolist())]
+    assert (tables.id_index[pick] == OOV).all()
+    # one user, no history, one category: the two rows differ only in the target item
+    batch = source.batch(np.repeat(source.rows("valid")[:1], 2))
+    batch.item = torch.tensor(pick)
+    batch.history = torch.full_like(batch.history, -1)
+    batch.category = batch.category[:1].repeat(2)
+    with torch.no_grad():
+        scores = model(batch)
+        assert not torch.equal(scores[0], scores[1])  # different codes, different scores
+        model.item_id.table.weight[1:] += 1.0  # every in-vocabulary ID embedding moves
+        torch.testing.assert_close(model(batch), scores)  # cold targets do not read them
+        model.item_id.table.weight[OOV] += 1.0
+        assert not torch.allclose(model(batch), scores)  # they read the OOV row
+
+
+def test_build_model_is_deterministic_by_seed(source, tables):
+    a = build_model("qarm", source.spec, tables, seed=3).state_dict()
+    b = build_model("qarm", source.spec, tables, seed=3).state_dict()
+    c = build_model("qarm", source.spec, tables, seed=4).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_model_registry_errors(source, tables):
+    assert set(MODELS) == {"id_only", "baseline", "qarm"}
+    with pytest.raises(ConfigError, match=r"unknown model 'din'; available: \['baseline', 'id_only', 'qarm'\]"):
+        build_model("din", source.spec, tables)
+    with pytest.raises(ConfigError, match="model 'id_only' fixes use_frozen_vector=False"):
+        model_config("id_only", {"use_frozen_vector": True})
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['use_codes'\]"):
+        model_config("qarm", {"use_codes": True})
+    with pytest.raises(ConfigError, match="The 'vector' parameter of QARMConfig must be one of"):
+        QARMConfig(vector="clip")
+
+
+def test_qarm_needs_the_tables_its_switches_use(source):
+    bare = ItemTables.build(source)
+    with pytest.raises(ConfigError, match="use_vq needs VQ codes"):
+        build_model("qarm", source.spec, bare, {"vector": "none"})
+    with pytest.raises(ConfigError, match=r"vector='aligned' but the item tables hold \[\]"):
+        build_model("qarm", source.spec, bare)
+    with pytest.raises(ConfigError, match="the baseline needs the frozen vector 'pretrained'"):
+        build_model("baseline", source.spec, bare)
+    assert build_model("id_only", source.spec, bare) is not None
+
+
+def test_vq_k_cannot_exceed_the_stored_codes(source, tables):
+    with pytest.raises(ConfigError, match="vq_k=9 but the quantize folder stores K=5"):
+        build_model("qarm", source.spec, tables, {"vq_k": 9})
+
+
+def test_item_tables_are_not_in_the_state_dict(source, tables):
+    state = build_model("qarm", source.spec, tables).state_dict()
+    assert not any(k.endswith((".codes", ".index", ".vectors", "rq_codes", "flat_codes")) for k in state)

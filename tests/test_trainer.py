@@ -1,0 +1,182 @@
+"""The trainer: it learns, it is deterministic by seed, an interrupted run resumes to the same result."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from qarm.data.prepare import prepare_dataset
+from qarm.data.synthetic import SyntheticConfig, generate
+from qarm.errors import ConfigError
+from qarm.evaluate.metrics import evaluate_predictions
+from qarm.features import ExampleSource, ItemTables
+from qarm.models import build_model
+from qarm.quantize.api import QuantizeConfig, RQConfig, VQConfig, quantize_items
+from qarm.train import RankingConfig, TrainConfig, load_weights, predict, train, train_ranking
+from qarm.train.trainer import BEST_FILE, CHECKPOINT_FILE, STATE_FILE
+
+pytestmark = pytest.mark.filterwarnings("ignore:k-means of")  # tiny catalogues: few points per centroid
+
+# Large enough that one epoch shows learning, small enough for seconds of training.
+SYNTHETIC = SyntheticConfig(n_items=400, n_users=300, n_interactions=15_000)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def data():
+    dataset = prepare_dataset(generate(SYNTHETIC))
+    source = ExampleSource(dataset, history_length=20)
+    truth = dataset.ground_truth["items"][[f"b{j}" for j in range(16)]].to_numpy(np.float32)
+    return source, truth
+
+
+@pytest.fixture(scope="module")
+def tables(data, tmp_path_factory):
+    source, truth = data
+    out = tmp_path_factory.mktemp("codes") / "quantize"
+    quantize_items(truth, None, out, QuantizeConfig(rq=RQConfig(codebook_size=8, levels=2), vq=VQConfig(k=5),
+                                                    write_store=False))
+    return ItemTables.build(source, quantize_dir=out, vectors={"pretrained": truth, "aligned": truth})
+
+
+def scores(model, source):
+    frame = predict(model, source, "valid")
+    return frame[[c for c in frame.columns if c.startswith("score_")]].to_numpy()
+
+
+def test_qarm_learns_in_one_epoch(data, tables, tmp_path):
+    source, _ = data
+    model = build_model("qarm", source.spec, tables)
+    result = train(model, source, TrainConfig(epochs=1, batch_size=256), tmp_path, progress=False)
+    frame = predict(result.model, source, "valid")
+    report = evaluate_predictions(frame, list(source.tasks))
+    assert report["click"]["overall"]["auc"] > 0.6
+    assert result.history.stopped == "epochs" and result.history.best_step == result.history.steps
+    assert result.examples_per_second > 0
+    assert (tmp_path / CHECKPOINT_FILE).exists() and (tmp_path / BEST_FILE).exists()
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    assert state["step"] == result.history.steps and state["history"]["evals"][-1]["valid"]["click"]["auc"] > 0.6
+
+
+@pytest.mark.parametrize("stop_at", [5, 11])  # one step after a checkpoint (4), three steps after one (8)
+def test_resume_after_interruption_equals_an_uninterrupted_run(data, tables, tmp_path, stop_at):
+    source, _ = data
+    config = TrainConfig(epochs=2, batch_size=512, eval_every=6, checkpoint_every=4, seed=1)
+    whole = train(build_model("qarm", source.spec, tables, seed=1), source, config, tmp_path / "whole",
+                  progress=False)
+
+    def interrupt(step: int, loss: float) -> None:
+        if step == stop_at:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(build_model("qarm", source.spec, tables, seed=1), source, config, tmp_path / "cut", progress=False,
+              on_step=interrupt)
+    # a fresh process would rebuild the model from its seed; a different seed must not matter either
+    resumed = train(build_model("qarm", source.spec, tables, seed=99), source, config, tmp_path / "cut",
+                    progress=False)
+    assert resumed.history.resumed_from == [stop_at // 4 * 4]  # the last checkpoint before the interruption
+    assert resumed.history.steps == whole.history.steps
+    assert resumed.history.best_step == whole.history.best_step
+    assert [e["metric"] for e in resumed.history.evals] == [e["metric"] for e in whole.history.evals]
+    assert [e["train_loss"] for e in resumed.history.evals] == [e["train_loss"] for e in whole.history.evals]
+    assert np.array_equal(scores(resumed.model, source), scores(whole.model, source))
+    for key, value in whole.best_state.items():
+        assert torch.equal(value, resumed.best_state[key]), key
+
+
+def test_training_is_deterministic_by_seed(data, tables):
+    source, _ = data
+    config = TrainConfig(epochs=1, batch_size=512, max_steps=6)
+
+    def run(seed: int) -> np.ndarray:
+        cfg = TrainConfig(**{**config.__dict__, "seed": seed})
+        return scores(train(build_model("baseline", source.spec, tables, seed=seed), source, cfg,
+                            progress=False).model, source)
+
+    assert np.array_equal(run(0), run(0))
+    assert not np.array_equal(run(0), run(1))
+
+
+def test_early_stopping_keeps_the_best_weights(data, tables, tmp_path):
+    source, _ = data
+    config = TrainConfig(epochs=4, batch_size=256, lr=3e-2, eval_every=3, patience=1, monitor="auc")
+    result = train(build_model("id_only", source.spec, tables), source, config, tmp_path, progress=False)
+    assert result.history.stopped in ("early_stopping", "epochs")
+    if result.history.stopped == "early_stopping":
+        assert result.history.best_step < result.history.steps
+    best = load_weights(build_model("id_only", source.spec, tables), tmp_path / BEST_FILE)
+    assert np.array_equal(scores(best, source), scores(result.model, source))
+    metrics = [e["metric"] for e in result.history.evals]
+    assert result.history.best_metric == max(metrics)
+    # resuming a finished run trains no further
+    again = train(build_model("id_only", source.spec, tables), source, config, tmp_path, progress=False)
+    assert again.history.steps == result.history.steps
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(data, tables, tmp_path):
+    source, _ = data
+    train(build_model("id_only", source.spec, tables), source, TrainConfig(max_steps=2, batch_size=256), tmp_path,
+          progress=False)
+    with pytest.raises(ConfigError, match="was written by another run \\(different (model, )?shapes|model"):
+        train(build_model("baseline", source.spec, tables), source, TrainConfig(max_steps=2, batch_size=256),
+              tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="different train"):
+        train(build_model("id_only", source.spec, tables), source, TrainConfig(max_steps=2, batch_size=128),
+              tmp_path, progress=False)
+    # a larger budget continues the same run
+    more = train(build_model("id_only", source.spec, tables), source, TrainConfig(max_steps=4, batch_size=256),
+                 tmp_path, progress=False)
+    assert more.history.resumed_from == [2] and more.history.steps == 4
+
+
+def test_predict_frame_feeds_the_metrics(data, tables):
+    source, _ = data
+    frame = predict(build_model("qarm", source.spec, tables), source, "test")
+    assert len(frame) == len(source.rows("test"))
+    assert {"user_id", "item_id", "label_click", "score_click", "label_convert", "score_convert", "cold_item",
+            "longtail_group"} <= set(frame.columns)
+    assert frame["score_click"].between(0, 1).all()
+    report = evaluate_predictions(frame, ["click", "convert"])
+    assert report["click"]["cold_start"]["n"] == int(frame["cold_item"].sum()) > 0
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"batch_size": 0}, "The 'batch_size' parameter of TrainConfig must be an int >= 1. Got 0 instead."),
+    ({"lr": 0.0}, "The 'lr' parameter of TrainConfig must be > 0. Got 0.0 instead."),
+    ({"monitor": "ndcg"}, "The 'monitor' parameter of TrainConfig must be one of 'gauc', 'auc', 'logloss'"),
+    ({"max_seconds": -1}, "The 'max_seconds' parameter of TrainConfig must be > 0 or None. Got -1 instead."),
+])
+def test_train_config_errors(params, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        TrainConfig(**params)
+
+
+def test_train_config_from_dict_rejects_unknown_keys():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['epoch'\]"):
+        TrainConfig.from_dict({"epoch": 3})
+    assert TrainConfig.from_dict({"epochs": 3, "monitor": "auc"}).epochs == 3
+
+
+def test_train_ranking_writes_a_report(data, tables, tmp_path):
+    source, _ = data
+    config = RankingConfig(model="qarm", model_config={"vector": "pretrained", "vq_k": 3}, history_length=20,
+                           train=TrainConfig(max_steps=3, batch_size=256))
+    report = train_ranking(None, tmp_path, config, source=source, tables=tables)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["config"]["model_config"] == {"vector": "pretrained", "vq_k": 3}
+    assert saved["history"]["steps"] == 3 and saved["eval_split"] == "test"
+    assert set(saved["metrics"]) == {"click", "convert"} and "cold_start" in saved["metrics"]["click"]
+    assert report["examples_per_second"] > 0
+    assert len(pd.read_parquet(tmp_path / "predictions.parquet")) == len(source.rows("test"))
+    with pytest.raises(ConfigError, match="the source was built with history_length=20"):
+        train_ranking(None, tmp_path / "x", RankingConfig(history_length=50), source=source, tables=tables)
+    with pytest.raises(ConfigError, match=r"unknown model 'dien'; available"):
+        RankingConfig(model="dien")

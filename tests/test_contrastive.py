@@ -287,3 +287,64 @@ def test_early_stopping_returns_the_best_weights(text_model, data, monkeypatch) 
     assert not torch.equal(states[1]["mix.weight"], states[2]["mix.weight"])
     for key, value in states[1].items():
         torch.testing.assert_close(final[key], value, msg=key)
+
+
+# -- sampling-bias correction and the frozen-state cache -----------------------------------------------
+
+
+def test_info_nce_logq_correction_matches_the_hand_computation() -> None:
+    a = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]
+    b = [[0.8, 0.6], [0.0, 1.0], [1.0, 0.0]]
+    log_qa, log_qb = [-1.0, -2.0, -0.5], [-3.0, -0.2, -1.0]
+    tau, n = 0.5, 3
+
+    def dot(x, y):
+        return sum(p * q for p, q in zip(x, y))
+
+    total = 0.0
+    for i in range(n):  # every candidate's logit is lowered by its own log q, the positive's too
+        logits = [dot(a[i], b[j]) / tau - log_qb[j] for j in range(n)]
+        total += -(logits[i] - math.log(sum(math.exp(v) for v in logits)))
+        logits = [dot(b[i], a[j]) / tau - log_qa[j] for j in range(n)]
+        total += -(logits[i] - math.log(sum(math.exp(v) for v in logits)))
+    loss = info_nce(torch.tensor(a), torch.tensor(b), tau, a_logq=torch.tensor(log_qa), b_logq=torch.tensor(log_qb))
+    assert float(loss) == pytest.approx(total / (2 * n), abs=1e-5)
+    # a uniform q changes nothing
+    flat = torch.full((3,), -2.0)
+    assert float(info_nce(torch.tensor(a), torch.tensor(b), tau, a_logq=flat, b_logq=flat)) == pytest.approx(
+        float(info_nce(torch.tensor(a), torch.tensor(b), tau)), abs=1e-6)
+
+
+def test_cached_frozen_layers_train_exactly_like_the_full_forward(text_model, data) -> None:
+    """Same batches, same dropout masks on the trainable layer, same losses and weights: the cache only
+    skips work whose result is fixed."""
+    dataset, train, holdout = data
+    config = AlignConfig(**{**CONFIG.__dict__, "max_steps": 4})
+    full, full_history = train_alignment(fresh_encoder(text_model, dataset), dataset, train, holdout,
+                                         AlignConfig(**{**config.__dict__, "frozen_cache": "off"}), progress=False)
+    encoder = fresh_encoder(text_model, dataset)
+    cached, history = train_alignment(encoder, dataset, train, holdout, config, progress=False)
+    assert cached.frozen_states_ is not None and cached.frozen_states_.n_frozen == 5
+    np.testing.assert_allclose([s["loss"] for s in history.steps], [s["loss"] for s in full_history.steps],
+                               rtol=1e-5, atol=1e-5)
+    a, b = full.trainable_state(), cached.trainable_state()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_head_only_training_never_runs_the_text_model(text_model, data, monkeypatch) -> None:
+    dataset, train, holdout = data
+    encoder = ContentEncoder(ContentEncoderConfig(out_dim=8), text_model=copy.deepcopy(text_model)).fit(
+        dataset, progress=False, keep_frozen_states=0)
+    before = encoder.trainable_state()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("head-only training must not run the text model")
+
+    monkeypatch.setattr(type(encoder.text_model), "forward", forbidden)
+    config = AlignConfig(batch_size=8, max_steps=50, eval_every=25, eval_pairs=8, trainable_layers=0, head_lr=1e-2)
+    encoder, history = train_alignment(encoder, dataset, train, holdout, config, progress=False)
+    vectors = encode_items(encoder, dataset, progress=False)  # the aligned encoding: the head on cached vectors
+    assert len(history.steps) == 50 and vectors.shape == (16, 8)
+    assert history.steps[-1]["loss"] < history.steps[0]["loss"]
+    assert not torch.equal(before["projections.0.weight"], encoder.trainable_state()["projections.0.weight"])

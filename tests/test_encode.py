@@ -287,3 +287,110 @@ def test_image_encoder_errors(tmp_path, tiny_vit) -> None:
 
     with pytest.raises(DataError, match="must be 3 x 32 x 32"):
         load_image_encoder(tiny_vit).encode(np.zeros((1, 16, 16, 3), np.uint8))
+
+
+# -- frozen-state cache --------------------------------------------------------------------------------
+
+
+def perturb_top(encoder: ContentEncoder, k: int) -> None:
+    """Pretend training moved the top ``k`` layers and the head."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in list(encoder.transformer_layers())[len(encoder.transformer_layers()) - k:]:
+            for p in layer.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=gen))
+        encoder.projections[0].weight.add_(0.05 * torch.randn(encoder.projections[0].weight.shape, generator=gen))
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 6])
+def test_frozen_states_reproduce_the_full_forward(text_model, k, monkeypatch) -> None:
+    """Cached path (top layers on stored states) == full path (whole text model) to float rounding."""
+    dataset = tiny_dataset(3)
+    encoder = make_encoder(text_model, dataset, out_dim=8)
+    cached = ContentEncoder(ContentEncoderConfig(out_dim=8), text_model=copy.deepcopy(text_model)).fit(
+        dataset, progress=False, keep_frozen_states=k)
+    states = cached.frozen_states_
+    assert states.n_frozen == 6 - k and states.whole_model_frozen == (k == 0)
+    # the same pass gives the pre-trained text embeddings: the fitted heads are identical
+    np.testing.assert_allclose(encode_items(cached, dataset, progress=False),
+                               encode_items(encoder, dataset, progress=False), atol=1e-6)
+    cached.set_trainable(k)
+    perturb_top(cached, k)
+    import qarm.encode.content as content
+
+    def no_full_pass(*args, **kwargs):
+        raise AssertionError("the cached path must not run the whole text model")
+
+    monkeypatch.setattr(content, "encode_texts", no_full_pass)
+    fast = encode_items(cached, dataset, progress=False)
+    monkeypatch.undo()
+    cached.frozen_states_ = None
+    full = encode_items(cached, dataset, progress=False)
+    np.testing.assert_allclose(fast, full, atol=1e-5)
+    # and the training-time forward (chunked, with or without states) agrees too
+    cached.frozen_states_ = states
+    ids = np.array([5, 0, 11, 3, 5])
+    with torch.no_grad():
+        cached.eval()
+        np.testing.assert_allclose(cached.embed(ids, encoder_inputs(dataset), states=states, chunk_size=2).numpy(),
+                                   full[ids], atol=1e-5)
+        np.testing.assert_allclose(cached.embed(ids, encoder_inputs(dataset), chunk_size=2).numpy(), full[ids],
+                                   atol=1e-5)
+
+
+def test_frozen_states_are_ragged_and_float16_is_close(text_model) -> None:
+    dataset = tiny_dataset(3)
+    texts = item_texts(dataset)
+    from qarm.encode.frozen import build_text_states
+    from qarm.encode.text import tokenize
+
+    states = build_text_states(text_model, texts, 4, progress=False, batch_size=5)
+    lengths = tokenize(text_model, sorted(set(texts)))["attention_mask"].sum(dim=1).numpy()
+    np.testing.assert_array_equal(states.lengths, lengths)  # only real tokens are stored
+    assert states.tokens.shape == (lengths.sum(), 384) and states.tokens.dtype == torch.float32
+    hidden, mask = states.padded(np.array([2, 0]))
+    assert hidden.shape == (2, max(lengths[[2, 0]]), 384) and mask.sum(dim=1).tolist() == lengths[[2, 0]].tolist()
+    assert not hidden[1, lengths[0]:].any()
+    half = build_text_states(text_model, texts, 4, progress=False, dtype="float16")
+    assert half.tokens.dtype == torch.float16 and half.nbytes < 0.6 * states.nbytes
+    torch.testing.assert_close(half.tokens.float(), states.tokens, rtol=2e-3, atol=2e-3)
+
+
+def test_frozen_states_are_refused_for_other_texts_or_weights(text_model) -> None:
+    dataset = tiny_dataset(2)
+    encoder = ContentEncoder(ContentEncoderConfig(out_dim=8), text_model=copy.deepcopy(text_model)).fit(
+        dataset, progress=False, keep_frozen_states=1).set_trainable(1)
+    texts = item_texts(dataset)
+    assert encoder.usable_states(texts) is encoder.frozen_states_
+    assert encoder.usable_states(texts[::-1]) is None  # other texts
+    encoder.set_trainable(2)
+    assert encoder.usable_states(texts) is None  # another split
+    encoder.set_trainable(1)
+    with torch.no_grad():
+        encoder.transformer_layers()[0].output.dense.bias.add_(0.1)  # a "frozen" layer changed
+    assert encoder.usable_states(texts) is None
+    # encode_items then falls back to the whole text model: still right
+    full = copy.deepcopy(encoder)
+    full.frozen_states_ = None
+    np.testing.assert_allclose(encode_items(encoder, dataset, progress=False),
+                               encode_items(full, dataset, progress=False), atol=1e-6)
+
+
+def test_fit_with_a_cached_text_pass_runs_only_the_frozen_layers(text_model, tmp_path, monkeypatch) -> None:
+    dataset = tiny_dataset(2)
+    cache = VectorCache(tmp_path)
+    first = ContentEncoder(ContentEncoderConfig(out_dim=8), text_model=copy.deepcopy(text_model)).fit(
+        dataset, progress=False, cache=cache, keep_frozen_states=2)
+    import qarm.encode.frozen as frozen
+
+    def no_top_layers(model, hidden, mask, start, stop=None):
+        assert stop is not None and stop <= 4, "only the frozen layers may run"
+        return original(model, hidden, mask, start, stop)
+
+    original = frozen.run_layers
+    monkeypatch.setattr(frozen, "run_layers", no_top_layers)
+    second = ContentEncoder(ContentEncoderConfig(out_dim=8), text_model=copy.deepcopy(text_model)).fit(
+        dataset, progress=False, cache=cache, keep_frozen_states=2)
+    monkeypatch.undo()
+    torch.testing.assert_close(second.frozen_states_.tokens, first.frozen_states_.tokens)
+    torch.testing.assert_close(second.frozen_states_.pooled, first.frozen_states_.pooled)

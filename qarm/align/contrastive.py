@@ -66,6 +66,7 @@ from qarm.data.schema import Dataset
 from qarm.encode._progress import progress_bar
 from qarm.encode.cache import VectorCache, digest_arrays
 from qarm.encode.content import ContentEncoder, ContentEncoderConfig, ItemInputs, encode_items, save_encoder
+from qarm.encode.frozen import FrozenTextStates, build_text_states
 from qarm.errors import ConfigError, DataError, QarmError
 
 TRIGGER = "trigger"
@@ -91,10 +92,14 @@ def false_negative_mask(a_ids: torch.Tensor, b_ids: torch.Tensor) -> torch.Tenso
     """
     a_ids = torch.as_tensor(a_ids, dtype=torch.int64)
     b_ids = torch.as_tensor(b_ids, dtype=torch.int64)
-    span = int(torch.cat([a_ids, b_ids]).max()) + 1
-    related = torch.cat([a_ids * span + b_ids, b_ids * span + a_ids])  # undirected in-batch pairs
-    candidate = a_ids[:, None] * span + b_ids[None, :]  # (anchor a_i, candidate b_j)
-    mask = torch.isin(candidate, related) | (a_ids[:, None] == b_ids[None, :])
+    # Batch-local item indices and the (symmetric) adjacency of the batch's pairs: O(B^2), no search.
+    items, local = torch.unique(torch.cat([a_ids, b_ids]), return_inverse=True)
+    a_local, b_local = local[: len(a_ids)], local[len(a_ids):]
+    related = torch.zeros((len(items), len(items)), dtype=torch.bool)
+    related[a_local, b_local] = True
+    related[b_local, a_local] = True
+    related.fill_diagonal_(True)  # the anchor itself
+    mask = related[a_local][:, b_local]
     mask.fill_diagonal_(False)
     return mask
 
@@ -105,6 +110,9 @@ def info_nce(
     temperature: float = 0.05,
     a_ids: torch.Tensor | np.ndarray | None = None,
     b_ids: torch.Tensor | np.ndarray | None = None,
+    *,
+    a_logq: torch.Tensor | None = None,
+    b_logq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric in-batch InfoNCE of row-aligned pairs ``(a[i], b[i])``.
 
@@ -113,6 +121,9 @@ def info_nce(
     a, b : (B, d) float tensors, L2-normalised (cosine = dot product); row ``i`` of both is a positive pair.
     temperature : float > 0, the softmax temperature ``tau`` (logits are ``a b^T / tau``).
     a_ids, b_ids : (B,) item ids of the rows; when given, false negatives are masked (module docstring).
+    a_logq, b_logq : (B,) log sampling probabilities of the rows' items; when given, the logit of every
+        candidate is lowered by its own ``log q`` (sampling-bias correction, module docstring): the
+        trigger -> target logits by ``b_logq``, the target -> trigger ones by ``a_logq``.
 
     Returns
     -------
@@ -122,21 +133,34 @@ def info_nce(
         raise ConfigError(f"The 'temperature' parameter of info_nce must be > 0. Got {temperature!r} instead.")
     if a.ndim != 2 or a.shape != b.shape or a.shape[0] < 1:
         raise ValueError(f"a and b must both be (B, d) with B >= 1, got {tuple(a.shape)} and {tuple(b.shape)}")
-    logits = a @ b.T / temperature
     if (a_ids is None) != (b_ids is None):
         raise ValueError("pass both a_ids and b_ids, or neither")
-    logits_ba = logits.T
-    if a_ids is not None:
-        a_ids = torch.as_tensor(np.asarray(a_ids) if not isinstance(a_ids, torch.Tensor) else a_ids)
-        b_ids = torch.as_tensor(np.asarray(b_ids) if not isinstance(b_ids, torch.Tensor) else b_ids)
-        if a_ids.shape != (a.shape[0],) or b_ids.shape != (a.shape[0],):
-            raise ValueError(f"a_ids and b_ids must be ({a.shape[0]},), got {tuple(a_ids.shape)} and "
-                             f"{tuple(b_ids.shape)}")
-        mask = false_negative_mask(a_ids, b_ids).to(logits.device)
-        logits = logits.masked_fill(mask, float("-inf"))
-        logits_ba = logits_ba.masked_fill(mask.T, float("-inf"))
+    if (a_logq is None) != (b_logq is None):
+        raise ValueError("pass both a_logq and b_logq, or neither")
+    logits = (a / temperature) @ b.T
+    # Masks and corrections enter as one additive (B, B) bias per direction, made without autograd:
+    # at B = 4096 every extra elementwise pass over the logits costs ~20-50 ms on 2 cores.
+    bias_ab = bias_ba = None
+    with torch.no_grad():
+        if a_logq is not None:
+            bias_ab = (-b_logq.to(logits))[None, :].expand_as(logits).clone()
+            bias_ba = (-a_logq.to(logits))[None, :].expand_as(logits).clone()
+        if a_ids is not None:
+            a_ids = torch.as_tensor(np.asarray(a_ids) if not isinstance(a_ids, torch.Tensor) else a_ids)
+            b_ids = torch.as_tensor(np.asarray(b_ids) if not isinstance(b_ids, torch.Tensor) else b_ids)
+            if a_ids.shape != (a.shape[0],) or b_ids.shape != (a.shape[0],):
+                raise ValueError(f"a_ids and b_ids must be ({a.shape[0]},), got {tuple(a_ids.shape)} and "
+                                 f"{tuple(b_ids.shape)}")
+            mask = false_negative_mask(a_ids, b_ids).to(logits.device)
+            if bias_ab is None:
+                bias_ab = torch.zeros_like(logits)
+                bias_ba = torch.zeros_like(logits)
+            bias_ab.masked_fill_(mask, float("-inf"))
+            bias_ba.masked_fill_(mask.T, float("-inf"))
+    logits_ab = logits if bias_ab is None else logits + bias_ab
+    logits_ba = logits.T if bias_ba is None else logits.T + bias_ba
     labels = torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (torch.nn.functional.cross_entropy(logits, labels)
+    return 0.5 * (torch.nn.functional.cross_entropy(logits_ab, labels)
                   + torch.nn.functional.cross_entropy(logits_ba, labels))
 
 
@@ -166,6 +190,8 @@ class AlignConfig:
     min_delta: float = 1e-4  # the smallest change that counts as an improvement
     checkpoint_every: int = 100  # steps between checkpoints (also written when training stops)
     seed: int = 0  # batch order (per-epoch permutations), eval sample and dropout
+    logq_correction: bool = True  # subtract each candidate's log pair frequency (popular items are over-sampled)
+    frozen_cache: Literal["float32", "float16", "off"] = "float32"  # cache the frozen layers' output (exact)
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -200,6 +226,10 @@ class AlignConfig:
                 raise bad(param, "> 0 or None")
         if self.trainable_layers != "all" and (not is_int(self.trainable_layers) or self.trainable_layers < 0):
             raise bad("trainable_layers", "'all' or an int >= 0")
+        if not isinstance(self.logq_correction, bool):
+            raise bad("logq_correction", "a bool")
+        if self.frozen_cache not in ("float32", "float16", "off"):
+            raise bad("frozen_cache", "'float32', 'float16' or 'off'")
         if self.monitor not in ("holdout_loss", "holdout_recall@10"):
             raise bad("monitor", "'holdout_loss' or 'holdout_recall@10'")
 
@@ -328,6 +358,10 @@ class _Trainer:
         self._perms: dict[int, np.ndarray] = {}
 
         encoder.set_trainable(config.trainable_layers if encoder.uses_text else 0)
+        self.states = self.frozen_states(encoder, config, progress)
+        # Sampling-bias correction: an item is a candidate in proportion to its share of the pair ends.
+        counts = np.bincount(np.concatenate([self.trigger, self.target]), minlength=n).astype(np.float64)
+        self.log_q = torch.from_numpy(np.log(np.maximum(counts, 1.0) / max(1.0, counts.sum()))).float()
         head = [p for n_, p in encoder.named_parameters() if p.requires_grad and not n_.startswith("text_model.")]
         text = [p for n_, p in encoder.named_parameters() if p.requires_grad and n_.startswith("text_model.")]
         groups = [{"params": head, "lr": config.head_lr}]
@@ -345,6 +379,19 @@ class _Trainer:
         self.step = 0
         self.best_state: dict[str, torch.Tensor] | None = None
         self.bad_evals = 0
+
+    def frozen_states(self, encoder: ContentEncoder, config: AlignConfig, progress: bool) -> FrozenTextStates | None:
+        """The cached output of the frozen text layers (built here when the encoder holds none that fit)."""
+        if config.frozen_cache == "off" or encoder.n_frozen_layers is None:
+            return None
+        states = encoder.usable_states(self.inputs.texts)
+        if states is not None and (states.whole_model_frozen or str(states.tokens.dtype) == f"torch.{config.frozen_cache}"):
+            return states
+        states = build_text_states(encoder.text_model, self.inputs.texts, encoder.n_frozen_layers,
+                                   dtype=config.frozen_cache, pooled=encoder.n_frozen_layers == encoder.n_layers,
+                                   progress=progress)
+        encoder.frozen_states_ = states  # the aligned encoding (encode_items) reuses them
+        return states
 
     # -- data ----------------------------------------------------------------------------------------
 
@@ -365,8 +412,14 @@ class _Trainer:
     def encode_pairs(self, trigger: np.ndarray, target: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Vectors of both sides; each distinct item is encoded once."""
         items, inverse = np.unique(np.concatenate([trigger, target]), return_inverse=True)
-        vectors = self.encoder.encode(self.inputs.take(items))
+        vectors = self.encoder.embed(items, self.inputs, states=self.states)
         return vectors[inverse[: len(trigger)]], vectors[inverse[len(trigger):]]
+
+    def loss(self, a: torch.Tensor, b: torch.Tensor, trigger: np.ndarray, target: np.ndarray) -> torch.Tensor:
+        logq = {}
+        if self.config.logq_correction:
+            logq = {"a_logq": self.log_q[torch.from_numpy(trigger)], "b_logq": self.log_q[torch.from_numpy(target)]}
+        return info_nce(a, b, self.config.temperature, trigger, target, **logq)
 
     # -- evaluation ----------------------------------------------------------------------------------
 
@@ -379,15 +432,14 @@ class _Trainer:
         self.encoder.eval()
         try:
             items, inverse = np.unique(np.concatenate([self.eval_trigger, self.eval_target]), return_inverse=True)
-            vectors = torch.cat([self.encoder.encode(self.inputs.take(items[s:s + 256]))
-                                 for s in range(0, len(items), 256)])
+            vectors = self.encoder.embed(items, self.inputs, states=self.states)
         finally:
             self.encoder.train(was_training)
         n = len(self.eval_trigger)
         t_rows, g_rows = inverse[:n], inverse[n:]
         size = self.config.batch_size
-        losses = [float(info_nce(vectors[t_rows[s:s + size]], vectors[g_rows[s:s + size]], self.config.temperature,
-                                 self.eval_trigger[s:s + size], self.eval_target[s:s + size]))
+        losses = [float(self.loss(vectors[t_rows[s:s + size]], vectors[g_rows[s:s + size]],
+                                  self.eval_trigger[s:s + size], self.eval_target[s:s + size]))
                   for s in range(0, n, size) if n - s >= 2]
         # Recall@10 of the target among the pool's items (the trigger itself excluded): a cheap proxy.
         scores = vectors[t_rows] @ vectors.T
@@ -524,7 +576,7 @@ class _Trainer:
         rows = self.batch_indices(self.step)
         trigger, target = self.trigger[rows], self.target[rows]
         a, b = self.encode_pairs(trigger, target)
-        loss = info_nce(a, b, self.config.temperature, trigger, target)
+        loss = self.loss(a, b, trigger, target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip is not None:
@@ -582,7 +634,10 @@ def run_alignment(
     cache = None if cache_dir is None else VectorCache(cache_dir)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    encoder = ContentEncoder(encoder_config, text_model=text_model).fit(dataset, progress=progress, cache=cache)
+    keep = None if config.frozen_cache == "off" else config.trainable_layers
+    encoder = ContentEncoder(encoder_config, text_model=text_model).fit(
+        dataset, progress=progress, cache=cache, keep_frozen_states=keep,
+        states_dtype="float32" if config.frozen_cache == "off" else config.frozen_cache)
     pretrained = encode_items(encoder, dataset, progress=progress, cache=cache)
     timings["encode_pretrained"] = time.perf_counter() - clock
     clock = time.perf_counter()
@@ -601,6 +656,7 @@ def run_alignment(
         "align": to_dict(config),
         "history": history.to_dict(),
         "timings": {k: round(v, 3) for k, v in timings.items()},
+        "frozen_states": None if encoder.frozen_states_ is None else encoder.frozen_states_.describe(),
     }
     atomic_write_bytes(out_dir / RECORD_FILE, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
     return AlignmentResult(pretrained, aligned, encoder, history, out_dir, timings)

@@ -72,6 +72,14 @@ from qarm.config import from_dict, to_dict
 from qarm.data.io import atomic_write_bytes
 from qarm.data.schema import Dataset
 from qarm.encode.cache import VectorCache, digest_arrays, digest_module, digest_texts
+from qarm.encode._progress import progress_bar
+from qarm.encode.frozen import (
+    FrozenTextStates,
+    StatesDtype,
+    build_text_states,
+    embed_from_states,
+    transformer_layers,
+)
 from qarm.encode.text import (
     DEFAULT_MAX_SEQ_LENGTH,
     default_text_model_path,
@@ -79,6 +87,7 @@ from qarm.encode.text import (
     encode_texts,
     item_texts,
     load_text_model,
+    text_cache_key,
     text_dimension,
     tokenize,
 )
@@ -176,6 +185,7 @@ class ContentEncoder(nn.Module):
         self.parts_: list[str] = []
         self.input_dims_: dict[str, int] = {}
         self.trainable_layers_: int | str = "all"
+        self.frozen_states_: FrozenTextStates | None = None  # set by fit(keep_frozen_states=...); not saved
 
     # ---------------------------------------------------------------------------------------------
     # Building and fitting
@@ -260,10 +270,16 @@ class ContentEncoder(nn.Module):
         batch_size: int = 128,
         progress: bool = True,
         cache: VectorCache | None = None,
+        keep_frozen_states: int | str | None = None,
+        states_dtype: StatesDtype = "float32",
     ) -> ContentEncoder:
         """Build the head for ``dataset``'s parts and initialise it by PCA over all items (see module doc).
 
         Embeds every item text once (``(n_items, 384)`` for MiniLM; cached with ``cache``).
+        ``keep_frozen_states=n`` (the ``trainable_layers`` training will use; ``"all"`` and ``None`` keep
+        nothing) also keeps, from the same pass, the output of the layers that stay frozen
+        (``frozen_states_``, :mod:`qarm.encode.frozen`, stored as ``states_dtype``), so that training
+        and later encodings only run the top ``n`` layers; with a cache hit only the frozen layers run.
         """
         use_text, modalities = self._resolve_parts(dataset)
         inputs = ItemInputs.from_dataset(dataset, modalities)
@@ -274,8 +290,22 @@ class ContentEncoder(nn.Module):
             self.text_model.max_seq_length = self.config.max_seq_length
             dims[TEXT] = text_dimension(self.text_model)
         self.build(dims)
+        self.frozen_states_ = None
         raw = dict(inputs.vectors)
-        if use_text:
+        if use_text and keep_frozen_states is not None and keep_frozen_states != "all":
+            n_frozen = self.n_layers - self._check_layers(keep_frozen_states)
+            key = None if cache is None else text_cache_key(self.text_model, inputs.texts, self.text_model_path)
+            hit = None if cache is None else cache.get(key)
+            states = build_text_states(self.text_model, inputs.texts, n_frozen, dtype=states_dtype,
+                                       pooled=True if hit is None else hit, batch_size=batch_size,
+                                       progress=progress)
+            text = states.pooled[torch.from_numpy(states.text_rows)].numpy()
+            if cache is not None and hit is None:
+                cache.put(key, text, {"kind": "text_embeddings", "model_path": self.text_model_path,
+                                      "max_seq_length": int(self.text_model.max_seq_length)})
+            self.frozen_states_ = states
+            raw = {TEXT: text} | raw
+        elif use_text:
             raw = {TEXT: encode_texts(self.text_model, inputs.texts, batch_size=batch_size, progress=progress,
                                       cache=cache, model_path=self.text_model_path)} | raw
         self._init_from_data(raw)
@@ -343,6 +373,51 @@ class ContentEncoder(nn.Module):
                    for m in self.parts_ if m != TEXT}
         return self(features, vectors)
 
+    def usable_states(self, texts: list[str] | None = None) -> FrozenTextStates | None:
+        """``frozen_states_`` when they are what the frozen part of the text model computes now for
+        ``texts`` below the current trainable layers, else None."""
+        states = getattr(self, "frozen_states_", None)
+        if states is None or self.n_frozen_layers is None:
+            return None
+        try:
+            states.check(self.text_model, self.n_frozen_layers, texts)
+        except QarmError:
+            return None
+        return states
+
+    def embed(self, ids: np.ndarray, inputs: ItemInputs, *, states: FrozenTextStates | None = None,
+              chunk_size: int = 128) -> torch.Tensor:
+        """``(len(ids), out_dim)`` vectors of items ``ids`` of ``inputs`` (gradients as the current mode allows).
+
+        Each distinct text once, longest first in chunks of ``chunk_size`` (a chunk is padded to its own
+        longest text, not to the longest of the batch), then the head. With ``states`` (the cached frozen
+        part, :mod:`qarm.encode.frozen`), only the trainable top layers run; without, the whole text model.
+        Both paths chunk alike, so they also draw the same dropout masks.
+        """
+        self._check_fitted()
+        ids = np.asarray(ids, dtype=np.int64)
+        parts = {m: torch.from_numpy(np.ascontiguousarray(inputs.vectors[m][ids], dtype=np.float32))
+                 for m in self.parts_ if m != TEXT}
+        if self.uses_text:
+            if states is not None:
+                rows, inverse = np.unique(states.text_rows[ids], return_inverse=True)
+                lengths = states.lengths[rows]
+            else:
+                texts, inverse = np.unique(np.asarray([inputs.texts[i] for i in ids], dtype=object).astype(str),
+                                           return_inverse=True)
+                lengths = tokenize(self.text_model, list(texts))["attention_mask"].sum(dim=1).numpy()
+            order = np.argsort(-lengths, kind="stable")
+            chunks = []
+            for start in range(0, len(order), chunk_size):
+                chunk = order[start:start + chunk_size]
+                if states is not None:
+                    chunks.append(embed_from_states(self.text_model, states, rows[chunk]))
+                else:
+                    chunks.append(embed_tokens(self.text_model, tokenize(self.text_model, [str(t) for t in texts[chunk]])))
+            embedded = torch.cat(chunks)[torch.from_numpy(np.argsort(order, kind="stable"))]
+            parts[TEXT] = embedded[torch.from_numpy(inverse.reshape(-1))]
+        return self.fuse(parts)
+
     # ---------------------------------------------------------------------------------------------
     # Trainable parts
 
@@ -350,26 +425,35 @@ class ContentEncoder(nn.Module):
         """The text model's stacked transformer layers (BERT-style ``encoder.layer`` and relatives)."""
         if self.text_model is None:
             return nn.ModuleList()
-        backbone = getattr(self.text_model[0], "auto_model", None)
-        for path in ("encoder.layer", "layers", "transformer.layer", "encoder.layers"):
-            obj: Any = backbone
-            for attr in path.split("."):
-                obj = getattr(obj, attr, None)
-            if isinstance(obj, nn.ModuleList):
-                return obj
-        raise ConfigError(f"cannot find the transformer layers of {type(backbone).__name__}; use "
-                          "trainable_layers='all' or 0")
+        return transformer_layers(self.text_model)
+
+    @property
+    def n_layers(self) -> int:
+        """Transformer layers of the text model (0 without text)."""
+        return len(self.transformer_layers()) if self.uses_text else 0
+
+    @property
+    def n_frozen_layers(self) -> int | None:
+        """Transformer layers below the trainable ones (their output can be cached); None when the whole
+        text model trains or there is no text part."""
+        if not self.uses_text or self.trainable_layers_ == "all":
+            return None
+        return self.n_layers - int(self.trainable_layers_)
+
+    def _check_layers(self, layers: int | str) -> int | str:
+        n_layers = len(self.transformer_layers()) if self.uses_text else None
+        if layers != "all" and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 0
+                                or (n_layers is not None and layers > n_layers)):
+            raise ConfigError(f"The 'trainable_layers' parameter must be 'all' or an int in [0, {n_layers}] "
+                              f"(the text model has {n_layers} layers). Got {layers!r} instead.")
+        return layers
 
     def set_trainable(self, layers: int | str) -> ContentEncoder:
         """Train the head and the top ``layers`` transformer layers (``"all"``: the whole text model,
         ``0``: the head only); everything else gets ``requires_grad=False``."""
         self._check_fitted()
         # Without a text part only the head trains, whatever ``layers`` says.
-        n_layers = len(self.transformer_layers()) if self.uses_text else None
-        if layers != "all" and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 0
-                                or (n_layers is not None and layers > n_layers)):
-            raise ConfigError(f"The 'trainable_layers' parameter must be 'all' or an int in [0, {n_layers}] "
-                              f"(the text model has {n_layers} layers). Got {layers!r} instead.")
+        self._check_layers(layers)
         for p in self.parameters():
             p.requires_grad_(True)
         if self.text_model is not None and layers != "all":
@@ -472,7 +556,12 @@ def encode_items(
         if hit is not None:
             return hit
     raw = {m: torch.from_numpy(v) for m, v in inputs.vectors.items()}
-    if encoder.uses_text:
+    states = encoder.usable_states(inputs.texts) if encoder.uses_text else None
+    if states is not None and states.pooled is not None and states.model_digest == digest_module(encoder.text_model):
+        raw[TEXT] = states.pooled[torch.from_numpy(states.text_rows)]  # the text model has not changed
+    elif states is not None:
+        raw[TEXT] = _text_from_states(encoder, states, batch_size=batch_size, progress=progress)
+    elif encoder.uses_text:
         raw[TEXT] = torch.from_numpy(encode_texts(encoder.text_model, inputs.texts, batch_size=batch_size,
                                                   progress=progress, cache=cache,
                                                   model_path=encoder.text_model_path))
@@ -489,6 +578,26 @@ def encode_items(
         cache.put(key, vectors, {"kind": "content_vectors", "encoder": encoder.describe(),
                                  "dataset": dataset.meta.name})
     return vectors
+
+
+def _text_from_states(encoder: ContentEncoder, states: FrozenTextStates, *, batch_size: int,
+                      progress: bool) -> torch.Tensor:
+    """Text embeddings ``(n_items, dim)`` from cached frozen states: the top layers only, eval mode."""
+    n_texts = len(states.lengths)
+    order = np.argsort(-states.lengths, kind="stable")
+    model = encoder.text_model
+    out = torch.empty((n_texts, text_dimension(model)), dtype=torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), progress_bar(n_texts, "encoding texts (top layers)", progress) as advance:
+            for start in range(0, n_texts, batch_size):
+                rows = order[start:start + batch_size]
+                out[torch.from_numpy(rows)] = embed_from_states(model, states, rows).float()
+                advance(len(rows))
+    finally:
+        model.train(was_training)
+    return out[torch.from_numpy(states.text_rows)]
 
 
 def save_encoder(encoder: ContentEncoder, folder: str | Path) -> Path:

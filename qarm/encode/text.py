@@ -136,6 +136,12 @@ def text_model_digest(model: SentenceTransformer) -> str:
     return digest_module(model)
 
 
+def text_cache_key(model: SentenceTransformer, texts: Sequence[str], model_path: str | None) -> str:
+    """:class:`VectorCache` key of the sentence embeddings of ``texts`` by ``model`` (weights digest included)."""
+    return VectorCache.key(kind="text_embeddings", model_path=str(model_path), weights=text_model_digest(model),
+                           max_seq_length=int(model.max_seq_length), texts=digest_texts(texts), n=len(texts))
+
+
 def encode_texts(
     model: SentenceTransformer,
     texts: Sequence[str],
@@ -158,8 +164,7 @@ def encode_texts(
                           "instead.")
     key = None
     if cache is not None:
-        key = VectorCache.key(kind="text_embeddings", model_path=str(model_path), weights=text_model_digest(model),
-                              max_seq_length=int(model.max_seq_length), texts=digest_texts(texts), n=len(texts))
+        key = text_cache_key(model, texts, model_path)
         hit = cache.get(key)
         if hit is not None:
             return hit

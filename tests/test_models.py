@@ -71,39 +71,37 @@ def test_target_attention_pools_only_the_rows_slots():
 
 def test_pack_layout():
     mask = torch.tensor([[True, True, False], [False, False, False], [True, False, False]])
-    row, index = pack(mask)
-    assert row.tolist() == [0, 0, 2]
-    assert index.tolist() == [[0, 1, -1], [-1, -1, -1], [2, -1, -1]]
+    assert pack(mask).tolist() == [0, 0, 2]
 
 
 def test_code_matching_hand_case():
-    target = torch.tensor([[1, 2, 3]])
-    # history (most recent first): full match, level-1 match, level-2 match, no match, pad (codes equal but empty)
-    history = torch.tensor([[[1, 2, 3], [1, 0, 3], [1, 2, 0], [0, 2, 3], [1, 2, 3]]])
-    mask = torch.tensor([[True, True, True, True, False]])
-    positions, valid = CodeMatchingSequences.matches(target, history, mask, length=2)
-    assert positions.shape == (1, 3, 2)
-    # level 1: slots 0, 1, 2 match; the latest two are kept
-    assert positions[0, 0][valid[0, 0]].tolist() == [0, 1]
-    # level 2: slots 0 and 2
-    assert positions[0, 1][valid[0, 1]].tolist() == [0, 2]
-    # level 3: slot 0 only (slot 4 matches but is padding)
-    assert positions[0, 2][valid[0, 2]].tolist() == [0]
+    target = torch.tensor([[1, 2, 3], [5, 5, 5]])
+    # row 0's history, most recent first: full match, level-1 match, level-2 match, no match, level-1 match;
+    # row 1: one full match (its counts must not mix with row 0's)
+    history = torch.tensor([[1, 2, 3], [1, 0, 3], [1, 2, 0], [0, 2, 3], [1, 9, 9], [5, 5, 5]])
+    row = torch.tensor([0, 0, 0, 0, 0, 1])
+    slot, level = CodeMatchingSequences.matches(target, history, row, length=2)
+    chosen = {(int(lv), int(sl)) for sl, lv in zip(slot, level)}
+    # level 1 (index 0): slots 0, 1, 2, 4 match; the latest two (0, 1) are kept
+    assert {s for lv, s in chosen if lv == 0} == {0, 1, 5}
+    assert {s for lv, s in chosen if lv == 1} == {0, 2, 5}
+    assert {s for lv, s in chosen if lv == 2} == {0, 5}
 
 
 def test_code_matching_pools_the_matched_items():
     torch.manual_seed(0)
     layer = CodeMatchingSequences(dim=3, length=4, attention_hidden=(5,))
-    target, history = torch.randn(1, 3), torch.randn(3, 3)
-    index = torch.tensor([[0, 1, 2, -1]])
-    codes_t = torch.tensor([[1, 1]])
-    codes_h = torch.tensor([[[1, 1], [1, 0], [0, 1], [1, 1]]])
-    out = layer(target, history, index, codes_t, codes_h)
-    assert out.shape == (1, 2, 3)
-    level1 = layer.attention(target, history[[0, 1]], torch.tensor([0, 0]))
-    level2 = layer.attention(target, history[[0]], torch.tensor([0]))
+    target, history = torch.randn(2, 3), torch.randn(3, 3)
+    row = torch.tensor([0, 0, 0])  # row 1 has no history
+    codes_t = torch.tensor([[1, 1], [1, 1]])
+    codes_h = torch.tensor([[1, 1], [1, 0], [0, 1]])
+    out = layer(target, history, row, codes_t, codes_h)
+    assert out.shape == (2, 2, 3)
+    level1 = layer.attention(target[:1], history[[0, 1]], torch.tensor([0, 0]))
+    level2 = layer.attention(target[:1], history[[0]], torch.tensor([0]))
     torch.testing.assert_close(out[0, 0], level1[0])
     torch.testing.assert_close(out[0, 1], level2[0])
+    assert torch.equal(out[1], torch.zeros(2, 3))
 
 
 def test_id_embedding_maps_oov_items_to_row_zero():

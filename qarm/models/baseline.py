@@ -92,7 +92,7 @@ class BaselineRanker(nn.Module):
 
     def forward(self, batch: RankingBatch) -> torch.Tensor:
         mask = batch.history_mask  # (B, n)
-        row, _ = pack(mask)  # only filled history slots are computed: (P,) rows
+        row = pack(mask)  # only filled history slots are computed: (P,) rows
         target, history = embed_unique(self.embed_items, batch.item, batch.history[mask])  # (B, D), (P, D)
         interest = self.interest(target, history, row)  # (B, D)
         parts = [target, interest, self.user_id(batch.user)]

@@ -103,8 +103,8 @@ class TargetAttention(nn.Module):
         self.product = nn.Linear(dim, hidden[0], bias=False)
         self.score = MLP(hidden[0], hidden[1:], out_dim=1)
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-        """Pool each row's keys by their relevance to the row's query.
+    def weights(self, query: torch.Tensor, keys: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """Each slot's attention weight against its row's query.
 
         Parameters
         ----------
@@ -114,25 +114,23 @@ class TargetAttention(nn.Module):
 
         Returns
         -------
-        float (R, D); zeros for rows without slots.
+        float (P, 1), unnormalised.
         """
         q = query[row]  # (P, D)
         hidden = torch.relu(self.key(keys) + self.query(query)[row] + self.product(keys * q))  # (P, H)
-        weight = self.score(hidden)  # (P, 1)
-        return torch.zeros_like(query).index_add(0, row, weight * keys)
+        return self.score(hidden)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """Pool each row's keys by their relevance to the row's query: ``(R, D)``, zeros for rows
+        without slots (arguments as in :meth:`weights`)."""
+        return torch.zeros_like(query).index_add(0, row, self.weights(query, keys, row) * keys)
 
 
-def pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The packed layout of a padded ``(B, n)`` sequence whose filled slots are ``mask``.
-
-    Returns
-    -------
-    row : int64 (P,), the row of each filled slot, in row-major order (``x[mask]`` order)
-    index : int64 (B, n), each slot's position in the packed ``(P, ...)`` layout, -1 for empty slots
-    """
-    row = mask.nonzero()[:, 0]
-    index = mask.reshape(-1).cumsum(0).view(mask.shape) - 1
-    return row, index.masked_fill(~mask, -1)
+def pack(mask: torch.Tensor) -> torch.Tensor:
+    """The row of each filled slot of a padded ``(B, n)`` sequence whose filled slots are ``mask``:
+    int64 ``(P,)``, in row-major order (the order of ``x[mask]``), so ``x[mask]`` with these rows is
+    the packed (jagged) form of ``x``."""
+    return mask.nonzero()[:, 0]
 
 
 @dataclass
@@ -324,33 +322,36 @@ class CodeMatchingSequences(nn.Module):
         self.attention = TargetAttention(dim, attention_hidden)
 
     @staticmethod
-    def matches(target_codes: torch.Tensor, history_codes: torch.Tensor, mask: torch.Tensor,
+    def matches(target_codes: torch.Tensor, history_codes: torch.Tensor, row: torch.Tensor,
                 length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which history slots enter each level's sequence.
+        """Which history slots enter which level's sequence, on packed slots.
 
         Parameters
         ----------
         target_codes : int (B, L)
-        history_codes : int (B, n, L)
-        mask : bool (B, n), filled slots; history is most recent first
+        history_codes : int (P, L), the RQ codes of the filled history slots, packed in row-major
+            order (each row's slots together, most recent first; see :func:`pack`)
+        row : int64 (P,), each slot's row
         length : m
 
         Returns
         -------
-        positions : int64 (B, L, m'), ``m' = min(m, n)``: level l's history slots, most recent first
-        valid : bool (B, L, m'), False for entries beyond the level's matches
+        slot : int64 (Q,), packed slots, each entering ...
+        level : int64 (Q,), ... the sequence of this level (0-based: level ``l`` shares ``l + 1`` codes);
+            per (row, level) the latest ``m`` matching slots, most recent first.
         """
-        n = history_codes.shape[1]
-        m = min(length, n)
-        prefix_equal = (history_codes == target_codes.unsqueeze(1)).to(torch.int8).cummin(dim=-1).values
-        match = prefix_equal.bool() & mask.unsqueeze(-1)  # (B, n, L): the first l+1 codes are equal
-        match = match.transpose(1, 2)  # (B, L, n)
-        # The latest m matches are the first m along n: score them n - position, the rest 0.
-        recency = torch.arange(n, 0, -1, device=match.device, dtype=torch.float32)
-        score, positions = (match * recency).topk(m, dim=-1)  # (B, L, m), highest score = most recent first
-        return positions, score > 0
+        prefix_equal = (history_codes == target_codes[row]).to(torch.int8).cummin(dim=-1).values.bool()  # (P, L)
+        # Rank of each match within its (row, level), counted from the row's most recent slot.
+        seen = prefix_equal.to(torch.int32).cumsum(dim=0)  # (P, L), matches up to and including the slot
+        first = torch.ones_like(row, dtype=torch.bool)
+        first[1:] = row[1:] != row[:-1]
+        start = torch.cummax(torch.where(first, torch.arange(len(row), device=row.device), 0), dim=0).values
+        before = (seen - prefix_equal.to(torch.int32))[start]  # matches of earlier rows
+        keep = prefix_equal & (seen - before <= length)
+        slot, level = keep.nonzero(as_tuple=True)
+        return slot, level
 
-    def forward(self, target: torch.Tensor, history: torch.Tensor, index: torch.Tensor,
+    def forward(self, target: torch.Tensor, history: torch.Tensor, row: torch.Tensor,
                 target_codes: torch.Tensor, history_codes: torch.Tensor) -> torch.Tensor:
         """Pooled sequences.
 
@@ -358,19 +359,19 @@ class CodeMatchingSequences(nn.Module):
         ----------
         target : float (B, D)
         history : float (P, D), the filled history slots, packed (see :func:`pack`)
-        index : int64 (B, n), each slot's row in ``history``, -1 for empty slots
+        row : int64 (P,), each slot's row
         target_codes : int (B, L)
-        history_codes : int (B, n, L), any value in empty slots
+        history_codes : int (P, L), the packed slots' RQ codes
 
         Returns
         -------
         float (B, L, D): level l's sequence pooled by attention to the target (zeros when empty).
         """
         b, levels = target_codes.shape
-        positions, valid = self.matches(target_codes, history_codes, index >= 0, self.length)
-        example, level, _ = valid.nonzero(as_tuple=True)
-        keys = history[index[example, positions[valid]]]  # (P', D)
-        pooled = self.attention(target.repeat_interleave(levels, dim=0), keys, example * levels + level)
+        slot, level = self.matches(target_codes, history_codes, row, self.length)
+        keys, example = history[slot], row[slot]  # (Q, D), (Q,)
+        weight = self.attention.weights(target, keys, example)  # (Q, 1): queries are computed once per row
+        pooled = target.new_zeros(b * levels, target.shape[1]).index_add(0, example * levels + level, weight * keys)
         return pooled.view(b, levels, -1)
 
 

@@ -122,13 +122,13 @@ class QARMRanker(nn.Module):
 
     def forward(self, batch: RankingBatch) -> torch.Tensor:
         mask = batch.history_mask  # (B, n)
-        row, index = pack(mask)  # only filled history slots are computed: (P,) rows, (B, n) packed index
-        target, history = embed_unique(self.embed_items, batch.item, batch.history[mask])  # (B, D), (P, D)
+        row = pack(mask)  # only filled history slots are computed: (P,) rows
+        items = batch.history[mask]  # (P,) packed history items, row by row, most recent first
+        target, history = embed_unique(self.embed_items, batch.item, items)  # (B, D), (P, D)
         parts = [target, self.interest(target, history, row)]
         if self.code_matching is not None:
-            codes = self.rq_codes
-            matched = self.code_matching(target, history, index, codes[batch.item],
-                                         codes[batch.history.clamp(min=0)])  # (B, L, D)
+            codes = self.rq_codes  # (n_items, L)
+            matched = self.code_matching(target, history, row, codes[batch.item], codes[items])  # (B, L, D)
             parts.append(matched.flatten(1))
         parts.append(self.user_id(batch.user))
         if self.user_side is not None:

@@ -307,8 +307,8 @@ class _Trainer:
         self.history.evals.append(record)
         self.loss_sum, self.loss_count = 0.0, 0
         improved = self._improved(metric)
-        self.log(f"step {self.step:,} (epoch {record['epoch']:.2f}): train loss "
-                 f"{record['train_loss'] if record['train_loss'] is None else round(record['train_loss'], 5)}, "
+        loss_text = "-" if record["train_loss"] is None else f"{record['train_loss']:.5f}"
+        self.log(f"step {self.step:,} (epoch {record['epoch']:.2f}): train loss {loss_text}, "
                  f"valid {self.config.monitor} {metric:.5f}" + (" (best)" if improved else ""))
         if improved:
             self.history.best_metric, self.history.best_step = metric, self.step

@@ -100,9 +100,9 @@ def run(
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<dataset>).")] = None,
     fresh: Annotated[bool, typer.Option(help="Ignore the stage cache and run every stage.")] = False,
     config: Annotated[Path | None, typer.Option("--config", help="YAML with sections loader_options, prepare, "
-                                                "align, quantize (the fields of qarm.pipeline.RunConfig).")] = None,
+                                                "align, quantize, rank (the fields of qarm.pipeline.RunConfig).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE for a loader option, or "
-                    "split.KEY / negatives.KEY / align.SECTION.KEY / quantize.SECTION.KEY=VALUE")] = None,
+                    "split.KEY / negatives.KEY / align.SECTION.KEY / quantize.SECTION.KEY / rank.KEY=VALUE")] = None,
 ) -> None:
     """Run the pipeline end to end (the embedded synthetic default needs no download)."""
     from qarm.pipeline import run_config_from_dict, run_pipeline
@@ -112,7 +112,7 @@ def run(
         for key, value in parse_sets(set_).items():
             if key in ("split", "negatives"):
                 options.setdefault("prepare", {})[key] = merge(options.get("prepare", {}).get(key, {}), value)
-            elif key in ("align", "quantize"):
+            elif key in ("align", "quantize", "rank"):
                 options[key] = merge(options.get(key, {}), value)
             else:
                 options.setdefault("loader_options", {})[key] = value
@@ -289,3 +289,56 @@ def codes_publish(
 
 if __name__ == "__main__":  # pragma: no cover
     app()
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="A prepared dataset folder (`qarm data prepare`).")],
+    out: Annotated[Path, typer.Option(help="Output folder: checkpoints, predictions, report.json.")],
+    model: Annotated[str, typer.Option(help="Model name: id_only, baseline, qarm, ...")] = "qarm",
+    codes: Annotated[Path | None, typer.Option(help="A quantize folder (`qarm quantize`).")] = None,
+    vectors: Annotated[Path | None, typer.Option(help="An align folder (`qarm align`): frozen vectors.")] = None,
+    fresh: Annotated[bool, typer.Option(help="Ignore checkpoints in OUT and start over.")] = False,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML with the fields of "
+                                                "qarm.train.stage.RankingConfig.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE, e.g. train.epochs=2 or "
+                                                   "model_config.use_vq=false")] = None,
+) -> None:
+    """Train and evaluate one ranking model (AUC / UAUC / GAUC / logloss per segment)."""
+    from qarm.evaluate.report import write_report
+    from qarm.train.stage import RankingConfig, train_ranking
+
+    try:
+        options = merge(load_yaml(config) if config else {}, parse_sets(set_))
+        options.setdefault("model", model)
+        ranking = RankingConfig.from_dict(options)
+        report = train_ranking(data, out, ranking, quantize_dir=codes, align_dir=vectors, resume=not fresh,
+                               progress=True, log=lambda msg: console.print(msg, highlight=False, markup=False))
+        _, md = write_report(out / "metrics", {ranking.model: report["metrics"]}, metrics=("gauc", "auc", "logloss"))
+    except QarmError as exc:
+        _fail(exc)
+    Console().print(Markdown(md.read_text()))
+
+
+@app.command()
+def ablate(
+    data: Annotated[Path, typer.Argument(help="A prepared dataset folder (`qarm data prepare`).")],
+    out: Annotated[Path, typer.Option(help="Output folder: runs/, ablation.json, ablation.md.")],
+    codes: Annotated[Path | None, typer.Option(help="A quantize folder (`qarm quantize`) of aligned vectors.")] = None,
+    vectors: Annotated[Path | None, typer.Option(help="An align folder (`qarm align`): pretrained + aligned.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML with the fields of "
+                                                "qarm.train.ablation.AblationConfig.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE, e.g. seeds=[0] or "
+                                                   "studies=[table1,groups] or train.epochs=1 or workers=2")] = None,
+) -> None:
+    """The paper's ablations: ID-only, Baseline, + aligned, + VQ, + RQ, + VQ & RQ; K; d; per-group gains."""
+    from qarm.train.ablation import AblationConfig, run_ablation
+
+    try:
+        ablation = AblationConfig.from_dict(merge(load_yaml(config) if config else {}, parse_sets(set_)))
+        run_ablation(data, out, ablation, quantize_dir=codes, align_dir=vectors, progress=ablation.workers == 1,
+                     log=lambda msg: console.print(msg, highlight=False, markup=False))
+    except QarmError as exc:
+        _fail(exc)
+    console.print(f"wrote {out / 'ablation.md'}")
+    Console().print(Markdown((out / "ablation.md").read_text()))

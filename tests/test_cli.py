@@ -74,7 +74,8 @@ def test_describe_a_folder_that_is_not_a_dataset(tmp_path: Path):
 
 FAST_RUN = [*SMALL, "--set", "align.train.max_steps=4", "--set", "align.train.eval_every=2",
             "--set", "align.user2item.epochs=1", "--set", "align.tsne_sample=0",
-            "--set", "quantize.rq.codebook_size=8", "--set", "quantize.vq.k=5"]
+            "--set", "quantize.rq.codebook_size=8", "--set", "quantize.vq.k=5",
+            "--set", "rank.train.max_steps=6", "--set", "rank.train.eval_batch_size=512"]
 
 
 @pytest.mark.slow
@@ -84,7 +85,16 @@ def test_run_writes_reports_and_caches_stages(tmp_path: Path):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["stages"]["prepare"] == report["stages"]["align"] == report["stages"]["quantize"] == "ran"
-    assert report["stages"]["train"] == "not built yet"
+    assert report["stages"]["rank"] == report["stages"]["report"] == "ran"
+    variants = report["ranking"]["variants"]
+    assert list(variants) == ["ID-only", "Baseline", "+ VQ & RQ"]
+    for row in variants.values():
+        assert 0.0 <= row["metrics"]["click"]["overall"]["gauc"] <= 1.0
+        assert row["per_seed"]["0"]["click"]["overall"]["n"] == report["ranking"]["variants"]["ID-only"][
+            "per_seed"]["0"]["click"]["overall"]["n"]  # one test split for every variant
+    assert variants["Baseline"]["model_config"] == {} and variants["+ VQ & RQ"]["model"] == "qarm"
+    md = (out / "report.md").read_text()
+    assert "## Ranking" in md and "gain of + VQ & RQ over" in md
     assert report["data"]["items"] == 400
     assert report["config"]["align"]["train"]["max_steps"] == 4
     assert report["config"]["align"]["train"]["lr"] == 5e-5  # untouched fields keep the run's defaults
@@ -92,9 +102,10 @@ def test_run_writes_reports_and_caches_stages(tmp_path: Path):
     assert "Held-out pair Recall@10".lower() in (out / "report.md").read_text().lower()
     again = invoke("run", "--out", str(out), *FAST_RUN)
     assert "prepare: cached" in again.output and "align: cached" in again.output
-    assert "quantize: cached" in again.output
+    assert "quantize: cached" in again.output and "rank: cached" in again.output
     requantize = invoke("run", "--out", str(out), *FAST_RUN, "--set", "quantize.vq.k=4")
     assert "align: cached" in requantize.output and "quantize: done" in requantize.output
+    assert "rank: done" in requantize.output  # new codes: the models that use them are retrained
     assert json.loads((out / "report.json").read_text())["codes"]["vq"]["k"] == 4
 
 

@@ -1,0 +1,370 @@
+"""The paper's ablations in one call: every variant x every seed, trained on one split, one table each.
+
+QARM's tables, reproduced on any prepared dataset with its codes and vectors:
+
+* **table1** (the paper's Table 1, with an ID-only row first): ``ID-only`` (IDs + DIN + MMoE),
+  ``Baseline`` (+ the frozen pre-trained vector, the cascading baseline), ``+ aligned vector`` (the
+  aligned vector in its place), ``+ VQ`` and ``+ RQ`` (each on top of the aligned vector; RQ brings
+  the code-matching sequences that its codes define) and ``+ VQ & RQ`` (QARM);
+* **k** (Table 7): QARM with the first K of the stored VQ codes, K in ``ks``;
+* **d** (Table 8): QARM with code embeddings of size d, d in ``code_dims``;
+* **groups** (Table 5): no extra training: QARM's gain over the Baseline and over ID-only per long-tail
+  group L1..L6 and on cold-start items, read from the table1 runs.
+
+Every (variant, seed) is one :func:`~qarm.train.stage.train_ranking` run in
+``out/runs/<variant key>/seed<s>/``; variants with the same model config (``K`` = all stored codes is
+``+ VQ & RQ``) share their runs. A finished run (its ``report.json`` written with the same config) is
+read back instead of retrained, so an interrupted ablation resumes where it stopped. ``workers > 1``
+trains that many runs at once in separate processes (one torch thread each), which on a small CPU
+machine is faster than one run on all cores.
+
+Out folder::
+
+    runs/<key>/seed<s>/   each run (see qarm.train.stage)
+    ablation.json         config, machine, data, every variant's per-seed and aggregated metrics, times
+    ablation.md           the tables
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qarm import __version__
+from qarm.config import from_dict, to_dict
+from qarm.data.io import atomic_write_bytes, write_json
+from qarm.errors import ConfigError
+from qarm.evaluate.metrics import COLD_START, OVERALL
+from qarm.evaluate.report import aggregate_seeds, render_markdown
+from qarm.features.examples import ExampleSource
+from qarm.features.tables import ItemTables
+from qarm.train.stage import REPORT_FILE, RankingConfig, train_ranking
+from qarm.train.trainer import TrainConfig
+
+STUDIES = ("table1", "k", "d", "groups")
+ABLATION_FILE = "ablation"
+Log = Callable[[str], None]
+
+# Table 1's rows: name -> (model, switches). QARM's switches on top of the aligned vector.
+_ALIGNED_ONLY = {"vector": "aligned", "use_vq": False, "use_rq": False, "use_code_matching": False}
+TABLE1: dict[str, tuple[str, dict[str, Any]]] = {
+    "ID-only": ("id_only", {}),
+    "Baseline": ("baseline", {}),
+    "+ aligned vector": ("qarm", _ALIGNED_ONLY),
+    "+ VQ": ("qarm", {**_ALIGNED_ONLY, "use_vq": True}),
+    "+ RQ": ("qarm", {**_ALIGNED_ONLY, "use_rq": True, "use_code_matching": True}),
+    "+ VQ & RQ": ("qarm", {"vector": "aligned", "use_vq": True, "use_rq": True, "use_code_matching": True}),
+}
+QARM_ROW = "+ VQ & RQ"
+
+
+@dataclass
+class AblationConfig:
+    """Which studies, which seeds, and the one training recipe every variant shares."""
+
+    studies: tuple[str, ...] = ("table1", "k", "d", "groups")
+    rows: tuple[str, ...] | None = None  # Table 1 rows to train (None: all); e.g. ID-only, Baseline, + VQ & RQ
+    seeds: tuple[int, ...] = (0, 1, 2)  # mean +- std over these
+    ks: tuple[int, ...] = (5, 10, 15, 20, 25)  # Table 7: VQ codes used (<= the K stored)
+    code_dims: tuple[int, ...] = (16, 32, 64)  # Table 8: code embedding size
+    history_length: int = 50  # the paper's n latest positives
+    model: dict[str, Any] = field(default_factory=dict)  # shared model settings (id_dim, head...), every variant
+    train: TrainConfig = field(default_factory=TrainConfig)  # the seed inside is replaced by each of `seeds`
+    eval_split: str = "test"
+    workers: int = 1  # runs trained at once, each in its own process with one torch thread
+
+    def __post_init__(self) -> None:
+        self.studies, self.seeds = tuple(self.studies), tuple(self.seeds)
+        self.ks, self.code_dims = tuple(self.ks), tuple(self.code_dims)
+        unknown = [s for s in self.studies if s not in STUDIES]
+        if unknown or not self.studies:
+            raise ConfigError(f"The 'studies' parameter of AblationConfig must name some of {list(STUDIES)}. "
+                              f"Got {list(self.studies)!r} instead.")
+        for name in ("seeds", "ks", "code_dims"):
+            values = getattr(self, name)
+            if not values or any(not isinstance(v, int) or isinstance(v, bool) for v in values):
+                raise ConfigError(f"The '{name}' parameter of AblationConfig must be a non-empty list of ints. "
+                                  f"Got {list(values)!r} instead.")
+        if self.rows is not None:
+            self.rows = tuple(self.rows)
+            bad = [r for r in self.rows if r not in TABLE1]
+            if bad or not self.rows:
+                raise ConfigError(f"The 'rows' parameter of AblationConfig must name some of {list(TABLE1)}. "
+                                  f"Got {list(self.rows)!r} instead.")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"The 'seeds' parameter of AblationConfig has repeats: {list(self.seeds)}")
+        if any(k < 1 for k in self.ks) or any(d < 1 for d in self.code_dims):
+            raise ConfigError("The 'ks' and 'code_dims' parameters of AblationConfig must be >= 1.")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ConfigError(f"The 'workers' parameter of AblationConfig must be an int >= 1. "
+                              f"Got {self.workers!r} instead.")
+        if self.eval_split not in ("valid", "test"):
+            raise ConfigError(f"The 'eval_split' parameter of AblationConfig must be 'valid' or 'test'. "
+                              f"Got {self.eval_split!r} instead.")
+        for name, model_config in self.variants(vq_k_stored=max(self.ks)).values():
+            RankingConfig(model=name, model_config=model_config)  # unknown model keys fail now, not mid-run
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> AblationConfig:
+        return from_dict(cls, data, where="ablation")
+
+    def variants(self, vq_k_stored: int) -> dict[str, tuple[str, dict[str, Any]]]:
+        """``{row name: (model, model config)}`` of every trained row, Table 1's first."""
+        rows: dict[str, tuple[str, dict[str, Any]]] = {}
+        qarm = TABLE1[QARM_ROW][1]
+        if "table1" in self.studies or "groups" in self.studies:
+            wanted = self.rows if self.rows is not None else \
+                (tuple(TABLE1) if "table1" in self.studies else ("ID-only", "Baseline", QARM_ROW))
+            rows.update({k: TABLE1[k] for k in TABLE1 if k in wanted})
+        if "k" in self.studies:
+            for k in self.ks:
+                if k > vq_k_stored:
+                    raise ConfigError(f"ks asks for K={k} VQ codes but the codes store K={vq_k_stored} per item")
+                rows[f"K={k}"] = ("qarm", {**qarm, "vq_k": None if k == vq_k_stored else k})
+        if "d" in self.studies:
+            for d in self.code_dims:
+                rows[f"d={d}"] = ("qarm", {**qarm, "code_dim": d})
+        # Shared settings (sizes, head) under every row's switches; a row's own switch wins.
+        return {name: (model, _drop_defaults(model, {**self._shared(model), **switches}))
+                for name, (model, switches) in rows.items()}
+
+    def _shared(self, model: str) -> dict[str, Any]:
+        if model == "qarm":
+            return dict(self.model)
+        # The baseline's config has no code switches; pass only what it knows.
+        return {k: v for k, v in self.model.items() if k in _BASELINE_KEYS}
+
+
+_BASELINE_KEYS = ("id_dim", "vector_dim", "side_dim", "attention_hidden", "head")
+
+
+def _drop_defaults(model: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The config without entries equal to the model's defaults: equal variants get equal keys."""
+    from qarm.models import model_config
+
+    defaults = to_dict(model_config(model, {}))
+    return {k: v for k, v in config.items() if k not in defaults or _plain(defaults[k]) != _plain(v)}
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(to_dict(value) if hasattr(value, "__dataclass_fields__") else value))
+
+
+def run_key(model: str, model_config: dict[str, Any]) -> str:
+    """A short folder name for one variant: readable model name + hash of its config."""
+    digest = hashlib.sha256(json.dumps({"model": model, "config": _plain(model_config)},
+                                       sort_keys=True).encode()).hexdigest()[:10]
+    return f"{model}-{digest}"
+
+
+def run_ablation(dataset_dir: str | Path, out_dir: str | Path, config: AblationConfig | None = None, *,
+                 quantize_dir: str | Path | None = None, align_dir: str | Path | None = None,
+                 progress: bool = False, log: Log | None = None) -> dict[str, Any]:
+    """Train every variant with every seed, aggregate, and write ``ablation.json`` / ``ablation.md``.
+
+    Parameters
+    ----------
+    dataset_dir : a prepared dataset folder
+    out_dir : path
+    config : AblationConfig
+    quantize_dir, align_dir : the codes and the frozen vectors (``pretrained``, ``aligned``) of the items;
+        Table 1's rows past ID-only need ``align_dir``, those with codes ``quantize_dir``.
+    progress, log : per-run progress bar (single worker only) and one line per finished run
+
+    Returns
+    -------
+    The ablation report (also in ``ablation.json``).
+    """
+    config = config or AblationConfig()
+    say = log or (lambda line: None)
+    out = Path(out_dir)
+    start = time.perf_counter()
+    source = ExampleSource.from_folder(dataset_dir, history_length=config.history_length)
+    tables = ItemTables.build(source, quantize_dir=quantize_dir, align_dir=align_dir)
+    variants = config.variants(vq_k_stored=tables.vq_k or max(config.ks))
+    jobs: dict[tuple[str, int], dict[str, Any]] = {}  # (run key, seed) -> job
+    for name, (model, model_config) in variants.items():
+        key = run_key(model, model_config)
+        for seed in config.seeds:
+            train = from_dict(TrainConfig, {**to_dict(config.train), "seed": seed}, where="ablation.train")
+            ranking = RankingConfig(model=model, model_config=model_config, history_length=config.history_length,
+                                    train=train, eval_split=config.eval_split)
+            jobs[(key, seed)] = {"config": ranking, "dir": out / "runs" / key / f"seed{seed}"}
+    say(f"ablation: {len(variants)} variants, {len({k for k, _ in jobs})} distinct models x {len(config.seeds)} "
+        f"seeds = {len(jobs)} runs, {config.workers} at a time")
+
+    reports: dict[tuple[str, int], dict[str, Any]] = {}
+    todo = []
+    for job_id, job in jobs.items():
+        done = _finished(job["dir"], job["config"])
+        if done is not None:
+            reports[job_id] = done
+        else:
+            todo.append(job_id)
+    if len(todo) < len(jobs):
+        say(f"ablation: {len(jobs) - len(todo)} runs already finished, read back")
+    if config.workers == 1 or len(todo) <= 1:
+        for job_id in todo:
+            job = jobs[job_id]
+            reports[job_id] = train_ranking(None, job["dir"], job["config"], source=source, tables=tables,
+                                            progress=progress, log=None)
+            say(_run_line(job_id, reports[job_id]))
+    else:
+        del source, tables  # each worker reads its own (a few seconds), the parent holds nothing big
+        with ProcessPoolExecutor(max_workers=config.workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(_train_in_worker, str(dataset_dir), quantize_dir and str(quantize_dir),
+                                   align_dir and str(align_dir), to_dict(jobs[job_id]["config"]),
+                                   str(jobs[job_id]["dir"])): job_id for job_id in todo}
+            for future in as_completed(futures):
+                job_id = futures[future]
+                reports[job_id] = future.result()
+                say(_run_line(job_id, reports[job_id]))
+
+    result = _assemble(config, variants, reports, time.perf_counter() - start)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{ABLATION_FILE}.json", result)
+    atomic_write_bytes(out / f"{ABLATION_FILE}.md", render_ablation(result).encode("utf-8"))
+    return result
+
+
+def _train_in_worker(dataset_dir: str, quantize_dir: str | None, align_dir: str | None, ranking: dict[str, Any],
+                     run_dir: str) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)
+    config = RankingConfig.from_dict(ranking)
+    return train_ranking(dataset_dir, run_dir, config, quantize_dir=quantize_dir, align_dir=align_dir)
+
+
+def _finished(run_dir: Path, config: RankingConfig) -> dict[str, Any] | None:
+    path = run_dir / REPORT_FILE
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text(encoding="utf-8"))
+    return report if _plain(report.get("config")) == _plain(to_dict(config)) else None
+
+
+def _run_line(job_id: tuple[str, int], report: dict[str, Any]) -> str:
+    gauc = {t: round(100 * m[OVERALL]["gauc"], 2) for t, m in report["metrics"].items()}
+    return (f"  {job_id[0]} seed {job_id[1]}: GAUC {gauc}, {report['seconds']['train']:.0f} s training, "
+            f"{report['examples_per_second']:,.0f} examples/s")
+
+
+def _assemble(config: AblationConfig, variants: dict[str, tuple[str, dict[str, Any]]],
+              reports: dict[tuple[str, int], dict[str, Any]], seconds: float) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    first: dict[str, Any] | None = None
+    for name, (model, model_config) in variants.items():
+        key = run_key(model, model_config)
+        runs = [reports[(key, seed)] for seed in config.seeds]
+        first = first or runs[0]
+        train_s = [r["seconds"]["train"] for r in runs]
+        rows[name] = {
+            "model": model, "model_config": model_config, "run_key": key, "seeds": list(config.seeds),
+            "metrics": aggregate_seeds([r["metrics"] for r in runs]),
+            "per_seed": {str(seed): r["metrics"] for seed, r in zip(config.seeds, runs)},
+            "parameters": runs[0]["model"]["parameters"],
+            "train_seconds": float(np.mean(train_s)), "train_seconds_std": _std(train_s),
+            "examples_per_second": float(np.median([r["examples_per_second"] for r in runs])),
+            "epochs_trained": float(np.mean([_epochs(r) for r in runs])),
+        }
+    assert first is not None
+    return {
+        "qarm_version": __version__,
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "cpus": os.cpu_count()},
+        "config": to_dict(config),
+        "data": first["data"], "tables": first["tables"], "eval_split": config.eval_split,
+        "tasks": list(first["metrics"]), "variants": rows, "seconds": round(seconds, 1),
+    }
+
+
+def _epochs(report: dict[str, Any]) -> float:
+    """Passes over the training rows the run made (examples seen / training rows)."""
+    return report["history"]["examples"] / max(1, int(report["data"].get("train_rows", 0)))
+
+
+def _std(values: list[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
+def render_ablation(result: dict[str, Any]) -> str:
+    """The ablation's Markdown: one section per study, GAUC (and AUC / UAUC / logloss for Table 1)."""
+    variants = result["variants"]
+    seeds = result["config"]["seeds"]
+    data = result["data"]
+    lines = [f"# Ablations on {data.get('dataset', '?')}", "",
+             f"{data.get('train_rows', '?'):,} training rows, tasks {result['tasks']}, evaluated on the "
+             f"{result['eval_split']} split; seeds {seeds} (mean ± std, sample std); machine "
+             f"{result['machine']['platform']}, {result['machine']['cpus']} CPUs; total {result['seconds']:.0f} s.",
+             ""]
+    studies = result["config"]["studies"]
+    table1 = {n: v for n, v in variants.items() if n in TABLE1}
+    if "table1" in studies:
+        lines += ["## Table 1: from IDs to QARM", ""]
+        lines += _cost_table(table1)
+        for task in result["tasks"]:
+            for metric in ("gauc", "auc", "uauc", "logloss"):
+                lines.append(render_markdown({n: v["metrics"] for n, v in table1.items()}, task, metric))
+    for study, prefix, title in (("k", "K=", "Table 7: number of VQ codes K"),
+                                 ("d", "d=", "Table 8: code embedding size d")):
+        rows = {n: v for n, v in variants.items() if n.startswith(prefix)}
+        if study in studies and rows:
+            lines += [f"## {title}", ""] + _cost_table(rows)
+            for task in result["tasks"]:
+                lines.append(render_markdown({n: v["metrics"] for n, v in rows.items()}, task, "gauc"))
+    if "groups" in studies and QARM_ROW in variants:
+        lines += ["## Table 5: QARM's gain per long-tail group and on cold-start items", "",
+                  "GAUC points of `+ VQ & RQ` over each reference (difference of the seed means; ± the two "
+                  "seed stds added in quadrature). L1 holds the rarest items (equal training-event mass "
+                  "per group).", ""]
+        for task in result["tasks"]:
+            lines += gain_table(variants, task, QARM_ROW, [r for r in ("ID-only", "Baseline") if r in variants])
+    return "\n".join(lines) + "\n"
+
+
+def _cost_table(rows: dict[str, Any]) -> list[str]:
+    lines = ["| variant | model | parameters | training s (mean ± std) | examples/s | epochs |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, v in rows.items():
+        std = v["train_seconds_std"]
+        lines.append(f"| {name} | {v['model']} {json.dumps(v['model_config'])} | {v['parameters']:,} | "
+                     f"{v['train_seconds']:.0f}" + ("" if math.isnan(std) else f" ± {std:.0f}") +
+                     f" | {v['examples_per_second']:,.0f} | {v['epochs_trained']:.2f} |")
+    return lines + [""]
+
+
+def gain_table(variants: dict[str, Any], task: str, row: str, references: list[str]) -> list[str]:
+    """Markdown rows: GAUC gain of ``row`` over each reference per segment (overall, cold-start, L1..)."""
+    mine = variants[row]["metrics"][task]
+    segments = [s for s in mine if s == OVERALL or s == COLD_START or s.startswith("L")]
+    header = "| " + task + ": gain of " + row + " over | " + " | ".join(
+        {OVERALL: "overall", COLD_START: "cold-start"}.get(s, s) for s in segments) + " |"
+    lines = [header, "|---" + "|---:" * len(segments) + "|"]
+    for ref in references:
+        theirs = variants[ref]["metrics"][task]
+        cells = []
+        for s in segments:
+            a, b = mine[s].get("gauc", float("nan")), theirs.get(s, {}).get("gauc", float("nan"))
+            sa, sb = mine[s].get("gauc_std", float("nan")), theirs.get(s, {}).get("gauc_std", float("nan"))
+            if a is None or b is None or math.isnan(a) or math.isnan(b):
+                cells.append("-")
+                continue
+            text = f"{100 * (a - b):+.2f}"
+            if sa is not None and sb is not None and not (math.isnan(sa) or math.isnan(sb)):
+                text += f" ± {100 * math.hypot(sa, sb):.2f}"
+            cells.append(text)
+        lines.append(f"| {ref} | " + " | ".join(cells) + " |")
+    return lines + [""]

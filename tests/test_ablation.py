@@ -1,0 +1,110 @@
+"""The ablation command: the right variants, shared runs, seed aggregation, resume, gain tables."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from qarm.align.contrastive import RECORD_FILE, VECTORS_FILE
+from qarm.data.io import save_dataset
+from qarm.data.prepare import prepare_dataset
+from qarm.data.synthetic import SyntheticConfig, generate
+from qarm.errors import ConfigError
+from qarm.quantize.api import QuantizeConfig, RQConfig, VQConfig, quantize_items
+from qarm.train.ablation import QARM_ROW, TABLE1, AblationConfig, gain_table, run_ablation, run_key
+from qarm.train.trainer import TrainConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore:k-means of")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A prepared synthetic dataset, an align folder (vectors: noisy ground truth) and its codes."""
+    root = tmp_path_factory.mktemp("ablation")
+    dataset = prepare_dataset(generate(SyntheticConfig(n_items=300, n_users=200, n_interactions=8_000)))
+    save_dataset(dataset, root / "data")
+    truth = dataset.ground_truth["items"][[f"b{j}" for j in range(16)]].to_numpy(np.float32)
+    rng = np.random.default_rng(0)
+    (root / "align").mkdir()
+    save_file({"pretrained": truth + rng.normal(0, 1, truth.shape).astype(np.float32), "aligned": truth},
+              str(root / "align" / VECTORS_FILE))
+    (root / "align" / RECORD_FILE).write_text(json.dumps({"note": "test vectors"}))
+    quantize_items(truth, None, root / "quantize", QuantizeConfig(rq=RQConfig(codebook_size=8, levels=2),
+                                                                  vq=VQConfig(k=6), write_store=False))
+    return root
+
+
+def test_variants_share_runs_where_configs_are_equal():
+    config = AblationConfig(ks=(3, 6), code_dims=(16, 32))
+    variants = config.variants(vq_k_stored=6)
+    assert list(variants)[:6] == list(TABLE1)
+    assert variants["ID-only"] == ("id_only", {}) and variants["Baseline"] == ("baseline", {})
+    assert variants["+ aligned vector"][1] == {"use_vq": False, "use_rq": False, "use_code_matching": False}
+    assert variants["K=3"][1]["vq_k"] == 3
+    qarm_key = run_key(*variants[QARM_ROW])
+    # K = every stored code and d = the default size are the QARM row itself: trained once.
+    assert run_key(*variants["K=6"]) == run_key(*variants["d=32"]) == qarm_key
+    assert run_key(*variants["d=16"]) != qarm_key
+    with pytest.raises(ConfigError, match="ks asks for K=9 VQ codes but the codes store K=6"):
+        AblationConfig(studies=("k",), ks=(9,)).variants(vq_k_stored=6)
+
+
+def test_shared_model_settings_reach_every_variant():
+    variants = AblationConfig(model={"id_dim": 16, "code_dim": 8}, studies=("table1",)).variants(vq_k_stored=25)
+    assert variants["Baseline"][1] == {"id_dim": 16}  # the baseline has no code_dim
+    assert variants[QARM_ROW][1] == {"id_dim": 16, "code_dim": 8}
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"studies": ("table2",)}, "'studies' parameter of AblationConfig must name some of"),
+    ({"rows": ("QARM",)}, "'rows' parameter of AblationConfig must name some of"),
+    ({"seeds": (0, 0)}, "has repeats"),
+    ({"seeds": ()}, "'seeds' parameter of AblationConfig must be a non-empty list of ints"),
+    ({"workers": 0}, "'workers' parameter of AblationConfig must be an int >= 1"),
+    ({"model": {"colour": 1}}, "colour"),
+])
+def test_config_errors(params, message):
+    with pytest.raises(ConfigError, match=message):
+        AblationConfig(**params)
+
+
+def test_run_aggregates_seeds_and_resumes(folders, tmp_path):
+    config = AblationConfig(studies=("table1", "groups"), rows=("ID-only", "Baseline", QARM_ROW), seeds=(0, 1),
+                            history_length=10, train=TrainConfig(max_steps=8, batch_size=256))
+    lines: list[str] = []
+    result = run_ablation(folders / "data", tmp_path, config, quantize_dir=folders / "quantize",
+                          align_dir=folders / "align", log=lines.append)
+    assert list(result["variants"]) == ["ID-only", "Baseline", QARM_ROW]
+    qarm = result["variants"][QARM_ROW]
+    per_seed = [qarm["per_seed"][s]["click"]["overall"]["gauc"] for s in ("0", "1")]
+    assert per_seed[0] != per_seed[1]  # the seeds differ
+    assert qarm["metrics"]["click"]["overall"]["gauc"] == pytest.approx(np.mean(per_seed))
+    assert qarm["metrics"]["click"]["overall"]["gauc_std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert qarm["epochs_trained"] > 0 and qarm["train_seconds"] > 0
+    saved = json.loads((tmp_path / "ablation.json").read_text())
+    assert saved["config"]["seeds"] == [0, 1] and saved["tables"]["vq_k"] == 6
+    md = (tmp_path / "ablation.md").read_text()
+    assert "Table 1" in md and "gain of + VQ & RQ over" in md and "Table 7" not in md
+    # A second call reads every finished run back instead of training again.
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/seed*/report.json")}
+    assert len(before) == 6
+    lines.clear()
+    again = run_ablation(folders / "data", tmp_path, config, quantize_dir=folders / "quantize",
+                         align_dir=folders / "align", log=lines.append)
+    assert any("6 runs already finished" in line for line in lines)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/seed*/report.json")} == before
+    # (compared as JSON text: a segment without both classes is NaN, and NaN != NaN)
+    assert json.dumps(again["variants"]) == json.dumps(result["variants"])
+
+
+def test_gain_table_is_the_difference_of_means():
+    def report(overall, cold, std):
+        return {"click": {"overall": {"gauc": overall, "gauc_std": std}, "cold_start": {"gauc": cold,
+                                                                                        "gauc_std": std}}}
+    variants = {"a": {"metrics": report(0.70, 0.60, 0.003)}, "b": {"metrics": report(0.68, 0.50, 0.004)}}
+    lines = gain_table(variants, "click", "a", ["b"])
+    assert lines[2] == f"| b | +2.00 ± {100 * math.hypot(0.003, 0.004):.2f} | +10.00 ± 0.50 |"

@@ -175,8 +175,15 @@ def render_report(report: dict[str, Any], out: Path) -> str:
 
 def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     """A RunConfig from partial options: what ``data`` leaves out keeps the run's own defaults (for
-    example ``align.train.max_steps=50`` changes one number of the run's align config, not all)."""
-    return from_dict(RunConfig, _merge(to_dict(RunConfig()), data), where="run config")
+    example ``align.train.max_steps=50`` changes one number of the run's align config, not all).
+
+    The run's shortened align budget and 64-centroid RQ levels fit the embedded 5k-item synthetic
+    default; any other dataset starts from the stages' library defaults (AlignStageConfig(),
+    QuantizeConfig(): the settings measured on MicroLens-50k)."""
+    base = RunConfig()
+    if data.get("dataset", base.dataset) != "synthetic":
+        base.align, base.quantize = AlignStageConfig(), QuantizeConfig()
+    return from_dict(RunConfig, _merge(to_dict(base), data), where="run config")
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

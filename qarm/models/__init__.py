@@ -21,6 +21,7 @@ from qarm.errors import ConfigError
 from qarm.features.examples import FeatureSpec
 from qarm.features.tables import ItemTables
 from qarm.models.baseline import BaselineConfig, BaselineRanker
+from qarm.models.fgcnn import FGCNNConfig, FGCNNRanker
 from qarm.models.layers import MMoEConfig
 from qarm.models.qarm import QARMConfig, QARMRanker
 
@@ -42,6 +43,8 @@ MODELS: dict[str, ModelEntry] = {
                            "id_only + the frozen pre-trained item vector (the cascading baseline)"),
     "qarm": ModelEntry(QARMRanker, QARMConfig, {},
                        "baseline + aligned vector, VQ codes, RQ codes, code-matching sequences (switches)"),
+    "fgcnn": ModelEntry(FGCNNRanker, FGCNNConfig, {},
+                        "FGCNN: CNN-generated features + IPNN over user / item / side / mean-history ID fields"),
 }
 
 

@@ -8,6 +8,7 @@
   :class:`VQEmbedding` (VQ codes = catalogue item ids, own table, mean over the K codes),
   :class:`RQEmbedding` (one table per level, summed), :class:`FrozenVector` (a fixed vector, projected);
 * :class:`CategoricalEmbeddings`: several categorical columns, one table each;
+* :class:`PairwiseInnerProducts`: IPNN's product layer, the inner product of every pair of fields;
 * :class:`CodeMatchingSequences`: for l = 1..L the latest history items sharing the target's first l
   RQ codes, pooled with target attention;
 * :func:`pack`: the packed (jagged) layout of a padded history; :func:`embed_unique`: embed the
@@ -300,6 +301,32 @@ class CategoricalEmbeddings(nn.Module):
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
         return self.table(values + self.offsets).flatten(1)
+
+
+class PairwiseInnerProducts(nn.Module):
+    """IPNN's product layer (Qu et al., ICDM 2016): the inner product of every pair of ``N`` field vectors.
+
+    One batched Gram matrix ``x x^T`` (a single BLAS call) and a gather of its strict upper triangle. It
+    computes all ``N^2`` products, twice the ``N (N - 1) / 2`` needed, but that is far cheaper than
+    materialising the ``(B, pairs, k)`` left and right operands of a pair-by-pair product.
+
+    Input float ``(B, N, k)``; output ``(B, N (N - 1) / 2)``, pairs ``(a, b)`` with ``a < b`` in row-major
+    order (``torch.triu_indices(N, N, 1)``).
+    """
+
+    def __init__(self, n_fields: int) -> None:
+        super().__init__()
+        check_int("PairwiseInnerProducts", "n_fields", n_fields, 2)
+        rows, cols = torch.triu_indices(n_fields, n_fields, offset=1)
+        self.register_buffer("flat_index", rows * n_fields + cols, persistent=False)
+        self.n_fields = n_fields
+        self.out_features = int(self.flat_index.numel())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[1] != self.n_fields:
+            raise ConfigError(f"PairwiseInnerProducts expects (B, {self.n_fields}, k), got {tuple(x.shape)}")
+        gram = torch.bmm(x, x.transpose(1, 2))  # (B, N, N)
+        return gram.flatten(1).index_select(1, self.flat_index)
 
 
 class CodeMatchingSequences(nn.Module):

@@ -1,0 +1,333 @@
+"""FGCNN (Liu et al., WWW 2019, *Feature Generation by Convolutional Neural Network for CTR Prediction*).
+
+Two parts:
+
+* **feature generation**: the field-embedding matrix, read as a one-channel image with the F fields as
+  rows and the k embedding dimensions as columns, goes through blocks of a convolution (kernel ``h x 1``:
+  it mixes neighbouring fields, never embedding dimensions), a max-pooling (``p x 1``) and a
+  recombination dense layer that turns the pooled maps into ``r`` new feature embeddings per pooled row;
+* **deep classifier** (IPNN): the raw and the generated feature embeddings, all pairwise inner products
+  and the flattened embeddings, into an MLP.
+
+The generation part has its own embedding tables by default (the paper's choice: the features that
+feed the convolutions need not be the ones the classifier multiplies); ``separate_embeddings=False``
+shares one set.
+
+Two entry points share one network (:class:`FGCNNNetwork`):
+
+* :class:`FGCNN`: any categorical fields, int codes ``(B, F)`` with per-field sizes -> logits ``(B, T)``
+  (Frappe's 10 fields, MovieLens user / item fields, synthetic data);
+* :class:`FGCNNRanker`: the ranking stage's model (``build_model("fgcnn", spec, tables, config)``),
+  ``forward(batch: RankingBatch) -> logits (B, T)``, on the fields of a ranking example: user ID, target
+  item ID (through the ID vocabulary: a cold item reads the OOV row), the target's category and the
+  user's side features when the dataset has them, and the mean of the history's item-ID embeddings.
+
+Multi-task: ``head="linear"`` (default) puts one linear output per task on the shared MLP, the IPNN
+output layer with T units; ``head="mmoe"`` puts an :class:`~qarm.models.layers.MMoE` there instead.
+
+Shapes (B examples, F fields, k = embedding_dim, T tasks)::
+
+    fields            E = [e_1 .. e_F]                                          (B, F, k)
+    block i           tanh(conv h_i x 1, c_i channels, 'same' padding)          (B, c_i, F_{i-1}, k)
+                      max-pool p_i x 1 (floor)                                  (B, c_i, F_i, k),  F_i = F_{i-1} // p_i
+                      tanh(dense) -> F_i r_i new features                       (B, F_i r_i, k)
+    generated         G, N_new = sum_i F_i r_i  (:func:`generated_feature_count`)   (B, N_new, k)
+    classifier input  X = [E | G], N = F + N_new                                (B, N, k)
+    IPNN              [X flattened (N k) | <x_a, x_b>, a < b (N (N - 1) / 2)] -> MLP -> head -> (B, T)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qarm.errors import ConfigError
+from qarm.features.batch import RankingBatch
+from qarm.features.examples import FeatureSpec
+from qarm.features.tables import ItemTables
+from qarm.models.layers import (MLP, CategoricalEmbeddings, IdEmbedding, MMoE, MMoEConfig, PairwiseInnerProducts,
+                                embedding_table)
+from qarm.quantize._common import check_bool, check_float, check_int, check_option
+
+HEADS = ("linear", "mmoe")
+_BLOCK_PARAMS = ("channels", "kernel_heights", "pooling", "new_features")
+
+
+@dataclass
+class FGCNNConfig:
+    """FGCNN's sizes. The blocks are four parallel lists, one entry per block.
+
+    DeepCTR's reference FGCNN uses four blocks: kernel 7, channels 14 / 16 / 18 / 20, 3 new features per
+    pooled row, pooling 2; four pooling steps need at least 16 fields. The defaults keep its sizes with
+    two blocks, which a ranking example's 4-8 fields (or Frappe's 10) can feed, and a smaller MLP.
+    """
+
+    embedding_dim: int = 16  # k, one size for every field (the convolution needs it); small for CPU
+    channels: tuple[int, ...] = (14, 16)  # c_i, convolution channels per block (DeepCTR: 14, 16, 18, 20)
+    kernel_heights: tuple[int, ...] = (7, 7)  # h_i, fields one convolution window spans ('same' padding)
+    pooling: tuple[int, ...] = (2, 2)  # p_i, fields one max-pooling window spans (floor: F_i = F_{i-1} // p_i)
+    new_features: tuple[int, ...] = (3, 3)  # r_i, new features per pooled row (the paper's recombination maps)
+    hidden: tuple[int, ...] = (256, 128)  # the IPNN MLP, narrow: with the recombination, most of a CPU step
+    dropout: float = 0.0  # in the MLP; the examples are many and the model small
+    separate_embeddings: bool = True  # the paper's default: own tables for the generation part
+    head: Literal["linear", "mmoe"] = "linear"  # one linear output per task on the shared MLP, or an MMoE
+    mmoe: MMoEConfig = field(default_factory=MMoEConfig)  # used when head="mmoe"
+
+    def __post_init__(self) -> None:
+        name = "FGCNNConfig"
+        check_int(name, "embedding_dim", self.embedding_dim, 1)
+        for param in (*_BLOCK_PARAMS, "hidden"):
+            _check_sizes(name, param, getattr(self, param))
+        n_blocks = len(self.channels)
+        for param in _BLOCK_PARAMS[1:]:
+            value = getattr(self, param)
+            if len(value) != n_blocks:
+                raise ConfigError(f"The '{param}' parameter of {name} must have one entry per block "
+                                  f"(len(channels) = {n_blocks}). Got {value!r} instead.")
+        check_float(name, "dropout", self.dropout, 0.0, 0.99)
+        check_bool(name, "separate_embeddings", self.separate_embeddings)
+        check_option(name, "head", self.head, HEADS)
+
+    def check_fields(self, n_fields: int, names: Sequence[str] | None = None) -> None:
+        """Raise a ConfigError unless every block keeps at least one row after its pooling.
+
+        The data-dependent check: ``n_fields`` comes from the dataset (``names`` only for the message).
+        """
+        if n_fields < 2 or 0 in pooled_field_counts(n_fields, self.pooling):
+            need = max(2, math.prod(self.pooling))
+            shown = f" ({', '.join(names)})" if names else ""
+            raise ConfigError(f"The 'pooling' parameter of FGCNNConfig, {tuple(self.pooling)!r}, needs at least "
+                              f"{need} fields (every block must keep a row after pooling); the data gives "
+                              f"{n_fields}{shown}. Use fewer blocks or smaller pooling.")
+
+
+def pooled_field_counts(n_fields: int, pooling: Sequence[int]) -> list[int]:
+    """``[F_1, ..., F_n]``: the rows after each block's pooling, ``F_i = F_{i-1} // p_i``, ``F_0 = n_fields``."""
+    rows, out = n_fields, []
+    for p in pooling:
+        rows //= p
+        out.append(rows)
+    return out
+
+
+def generated_feature_count(n_fields: int, pooling: Sequence[int], new_features: Sequence[int]) -> int:
+    """The number of generated features, ``sum_i F_i * r_i`` with ``F_i`` the rows after ``i`` pooling steps
+    (floor division, as max-pooling without padding computes them)."""
+    return sum(rows * r for rows, r in zip(pooled_field_counts(n_fields, pooling), new_features))
+
+
+class FieldConvolution(nn.Module):
+    """A convolution over the field axis (kernel ``h x 1``, stride 1, 'same' zero padding), as one matrix product.
+
+    Input float ``(B, k, F, C_in)``, channels last, one column of ``F`` field rows per embedding dimension;
+    output ``(B, k, F, C_out)``, before the activation.
+
+    With a few dozen fields at most, the convolution of one column is a linear map from its ``F x C_in``
+    values to its ``F x C_out`` outputs, the banded (Toeplitz) matrix :meth:`matrix` built from the kernel
+    at each step; one GEMM over the ``B k`` columns then replaces a direct convolution, which on CPU spends
+    most of its time converting layouts for such thin images. The parameters are those of ``nn.Conv2d``
+    (``weight`` ``(C_out, C_in, h)``, ``bias`` ``(C_out,)``), initialised the same way, and the output equals
+    ``F.conv2d(x, weight[..., None], bias, padding="same")`` (the odd padding row of an even ``h`` goes after,
+    as in PyTorch and TensorFlow).
+    """
+
+    def __init__(self, n_fields: int, in_channels: int, out_channels: int, height: int) -> None:
+        super().__init__()
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size=(height, 1))  # for its initialisation
+        self.weight = nn.Parameter(conv.weight.detach()[..., 0].clone())
+        self.bias = nn.Parameter(conv.bias.detach().clone())
+        # tap[i, o]: the kernel row linking input row i to output row o; height (a zero row) where none does.
+        tap = torch.arange(n_fields)[:, None] - torch.arange(n_fields)[None, :] + (height - 1) // 2
+        self.register_buffer("tap", torch.where((tap >= 0) & (tap < height), tap, height), persistent=False)
+
+    def matrix(self) -> torch.Tensor:
+        """The ``(F C_in, F C_out)`` matrix of the convolution: rows (input field, channel), columns
+        (output field, channel)."""
+        c_out, c_in, _ = self.weight.shape
+        n = self.tap.shape[0]
+        return F.pad(self.weight, (0, 1))[:, :, self.tap].permute(2, 1, 3, 0).reshape(n * c_in, n * c_out)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        b, k, n, c_in = maps.shape
+        return torch.addmm(self.bias.repeat(n), maps.reshape(b * k, n * c_in), self.matrix()).view(b, k, n, -1)
+
+
+class FeatureGeneration(nn.Module):
+    """The generation part: convolution, max-pooling and recombination blocks.
+
+    Input float ``(B, F, k)``; output ``(B, N_new, k)`` with ``N_new`` = :attr:`out_features` =
+    :func:`generated_feature_count`. One Python iteration per block, none per field.
+
+    Each block is ``tanh(conv)``, max-pooling, ``tanh(dense)``. The pooling runs before the ``tanh``: tanh
+    is increasing, so ``max(tanh(z)) = tanh(max(z))`` (values and gradients), and the activation then
+    touches ``1 / p`` of the map.
+    """
+
+    def __init__(self, n_fields: int, dim: int, channels: Sequence[int], kernel_heights: Sequence[int],
+                 pooling: Sequence[int], new_features: Sequence[int]) -> None:
+        super().__init__()
+        self.rows = pooled_field_counts(n_fields, pooling)
+        self.pooling, self.new_features, self.dim = tuple(pooling), tuple(new_features), dim
+        in_rows, in_channels = [n_fields, *self.rows[:-1]], [1, *channels[:-1]]
+        self.convs = nn.ModuleList(FieldConvolution(n, c_in, c, h)
+                                   for n, c_in, c, h in zip(in_rows, in_channels, channels, kernel_heights))
+        self.recombine = nn.ModuleList(nn.Linear(rows * dim * c, rows * r * dim)
+                                       for rows, c, r in zip(self.rows, channels, new_features))
+        self.out_features = sum(rows * r for rows, r in zip(self.rows, new_features))
+
+    def forward(self, fields: torch.Tensor) -> torch.Tensor:
+        b = fields.shape[0]
+        maps = fields.transpose(1, 2).unsqueeze(-1)  # (B, k, F, 1): one column of F rows per dimension
+        generated = []
+        for conv, dense, p, rows, r in zip(self.convs, self.recombine, self.pooling, self.rows, self.new_features):
+            windows = conv(maps)[:, :, :rows * p].unflatten(2, (rows, p)).unbind(3)  # p x (B, k, F_i, c_i)
+            maps = torch.tanh(functools.reduce(_larger, windows))  # max-pool p x 1 (floor), then tanh
+            generated.append(torch.tanh(dense(maps.flatten(1))).view(b, rows * r, self.dim))
+        return torch.cat(generated, dim=1)
+
+
+class FGCNNNetwork(nn.Module):
+    """Generation + IPNN classifier on field embeddings, whatever made them.
+
+    ``forward(fields, generation_fields)``: float ``(B, F, k)`` each (the same tensor when embeddings are
+    shared) -> logits ``(B, T)``.
+    """
+
+    def __init__(self, n_fields: int, n_tasks: int, config: FGCNNConfig, field_names: Sequence[str] | None = None
+                 ) -> None:
+        super().__init__()
+        config.check_fields(n_fields, field_names)
+        c = config
+        self.generation = FeatureGeneration(n_fields, c.embedding_dim, c.channels, c.kernel_heights, c.pooling,
+                                            c.new_features)
+        n_all = n_fields + self.generation.out_features
+        self.products = PairwiseInnerProducts(n_all)
+        self.mlp = MLP(n_all * c.embedding_dim + self.products.out_features, c.hidden, dropout=c.dropout)
+        self.head = nn.Linear(self.mlp.out_features, n_tasks) if c.head == "linear" \
+            else MMoE(self.mlp.out_features, n_tasks, c.mmoe)
+
+    @property
+    def n_generated(self) -> int:
+        return self.generation.out_features
+
+    def forward(self, fields: torch.Tensor, generation_fields: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([fields, self.generation(generation_fields)], dim=1)  # (B, N, k)
+        return self.head(self.mlp(torch.cat([x.flatten(1), self.products(x)], dim=1)))
+
+
+class FGCNN(nn.Module):
+    """FGCNN on categorical fields. ``forward(codes) -> logits (B, T)``.
+
+    Parameters
+    ----------
+    field_sizes : sequence of F ints
+        Field ``f``'s codes lie in ``0..field_sizes[f]-1`` (reserve a code for unseen values).
+    n_tasks : int
+    config : FGCNNConfig
+
+    Input int64 ``(B, F)``.
+    """
+
+    def __init__(self, field_sizes: Sequence[int], n_tasks: int = 1, config: FGCNNConfig | None = None) -> None:
+        super().__init__()
+        self.config = c = config or FGCNNConfig()
+        check_int("FGCNN", "n_tasks", n_tasks, 1)
+        for size in field_sizes:
+            check_int("FGCNN", "field_sizes", size, 1)
+        self.n_fields = len(field_sizes)
+        self.embedding = CategoricalEmbeddings(field_sizes, c.embedding_dim)
+        self.generation_embedding = CategoricalEmbeddings(field_sizes, c.embedding_dim) \
+            if c.separate_embeddings else None
+        self.network = FGCNNNetwork(self.n_fields, n_tasks, c)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        shape = (codes.shape[0], self.n_fields, self.config.embedding_dim)
+        fields = self.embedding(codes).view(shape)
+        generation = fields if self.generation_embedding is None else self.generation_embedding(codes).view(shape)
+        return self.network(fields, generation)
+
+
+class RankingFields(nn.Module):
+    """The fields of a ranking example, one k-vector each: ``forward(batch) -> (B, F, k)``.
+
+    Fields, in :attr:`names` order: ``user`` (ID), ``item`` (ID through the vocabulary, row 0 = OOV for cold
+    items), ``category`` (when the dataset has one), each user side feature, and ``history``: the mean
+    of the history items' ID embeddings (zeros for an empty history).
+    """
+
+    def __init__(self, spec: FeatureSpec, tables: ItemTables, dim: int) -> None:
+        super().__init__()
+        self.user = embedding_table(spec.n_users, dim)
+        self.item = IdEmbedding(tables.id_index, dim)
+        self.category = embedding_table(spec.n_categories, dim) if spec.n_categories else None
+        self.user_side = CategoricalEmbeddings([s for _, s in spec.user_features], dim) \
+            if spec.user_features else None
+        self.names = ("user", "item", *(("category",) if self.category is not None else ()),
+                      *(name for name, _ in spec.user_features), "history")
+        self.dim = dim
+
+    def forward(self, batch: RankingBatch) -> torch.Tensor:
+        b = len(batch)
+        parts = [self.user(batch.user), self.item(batch.item)]
+        if self.category is not None:
+            parts.append(self.category(_required(batch.category, "category")))
+        if self.user_side is not None:
+            parts.extend(self.user_side(_required(batch.user_features, "user_features")).view(b, -1, self.dim)
+                         .unbind(1))
+        mask = batch.history_mask  # (B, n)
+        weights = mask / batch.history_len.clamp(min=1).unsqueeze(1)  # 1/len on filled slots, 0 on padding
+        rows = self.item.index[batch.history.clamp(min=0)]  # vocabulary rows; padding reads row 0 at weight 0
+        parts.append(F.embedding_bag(rows, self.item.table.weight, mode="sum",
+                                     per_sample_weights=weights.to(self.item.table.weight.dtype)))
+        return torch.stack(parts, dim=1)
+
+
+class FGCNNRanker(nn.Module):
+    """FGCNN as a ranking model. ``forward(batch) -> logits (B, T)``.
+
+    Parameters
+    ----------
+    spec : FeatureSpec, the dataset's sizes, side features and tasks
+    tables : ItemTables, the ID vocabulary (codes and vectors are not used)
+    config : FGCNNConfig
+    """
+
+    def __init__(self, spec: FeatureSpec, tables: ItemTables, config: FGCNNConfig | None = None) -> None:
+        super().__init__()
+        self.config = c = config or FGCNNConfig()
+        self.tasks = spec.tasks
+        self.fields = RankingFields(spec, tables, c.embedding_dim)
+        self.generation_fields = RankingFields(spec, tables, c.embedding_dim) if c.separate_embeddings else None
+        self.network = FGCNNNetwork(len(self.fields.names), len(spec.tasks), c, self.fields.names)
+
+    def forward(self, batch: RankingBatch) -> torch.Tensor:
+        fields = self.fields(batch)
+        generation = fields if self.generation_fields is None else self.generation_fields(batch)
+        return self.network(fields, generation)
+
+
+def _larger(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise max whose gradient goes to one side: ``torch.maximum``'s backward splits ties, at the cost
+    of several more passes over the map (~10% of a training step here)."""
+    return torch.where(a >= b, a, b)
+
+
+def _check_sizes(owner: str, param: str, value: object) -> None:
+    if not isinstance(value, (tuple, list)) or not value:
+        raise ConfigError(f"The '{param}' parameter of {owner} must be a non-empty list of ints >= 1. "
+                          f"Got {value!r} instead.")
+    for size in value:
+        check_int(owner, param, size, 1)
+
+
+def _required(value: torch.Tensor | None, name: str) -> torch.Tensor:
+    if value is None:
+        raise ConfigError(f"the model was built with {name} but the batch has none")
+    return value

@@ -1,0 +1,232 @@
+"""FGCNN: the generated-feature count, the convolution and product layers, learning a planted signal,
+the ranking model through the registry (history field, OOV for cold items), config errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+from qarm.data.prepare import prepare_dataset
+from qarm.data.synthetic import SyntheticConfig, generate
+from qarm.errors import ConfigError
+from qarm.features import OOV, ExampleSource, ItemTables
+from qarm.models import MODELS, build_model, describe_model, model_config
+from qarm.models.fgcnn import FGCNN, FGCNNConfig, FieldConvolution, generated_feature_count, pooled_field_counts
+from qarm.models.layers import PairwiseInnerProducts
+from qarm.train import TrainConfig, predict, train
+
+SMALL = {"embedding_dim": 8, "channels": (4,), "kernel_heights": (3,), "pooling": (2,), "new_features": (2,),
+         "hidden": (32,)}
+
+
+@pytest.fixture(scope="module")
+def source() -> ExampleSource:  # the dataset of tests/test_models.py
+    return ExampleSource(prepare_dataset(generate(SyntheticConfig(n_items=300, n_users=150, n_interactions=6000))),
+                         history_length=20)
+
+
+@pytest.fixture(scope="module")
+def tables(source) -> ItemTables:
+    return ItemTables.build(source)  # FGCNN needs the ID vocabulary only
+
+
+# -- the generated-feature count ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_fields, pooling, new_features, expected", [
+    (10, (2, 2, 2), (3, 3, 3), 5 * 3 + 2 * 3 + 1 * 3),  # Frappe, the benchmark's three blocks
+    (6, (2, 2), (3, 3), 3 * 3 + 1 * 3),  # a ranking example with category and two side features
+    (7, (3,), (2,), 2 * 2),  # floor: 7 // 3 = 2
+    (9, (2, 3), (1, 4), 4 * 1 + 1 * 4),
+    (16, (2, 2, 2, 2), (3, 3, 3, 3), 8 * 3 + 4 * 3 + 2 * 3 + 1 * 3),  # DeepCTR's four blocks
+])
+def test_generated_count_matches_the_formula(n_fields, pooling, new_features, expected):
+    assert generated_feature_count(n_fields, pooling, new_features) == expected
+    n_blocks = len(pooling)
+    config = FGCNNConfig(embedding_dim=4, channels=(3,) * n_blocks, kernel_heights=(5,) * n_blocks, pooling=pooling,
+                         new_features=new_features, hidden=(8,))
+    model = FGCNN([3] * n_fields, 1, config)
+    assert model.network.n_generated == expected
+    fields = torch.randn(5, n_fields, 4)
+    assert model.network.generation(fields).shape == (5, expected, 4)  # what the model really generates
+    # the classifier sees F + N_new fields: F + N_new choose 2 products
+    n = n_fields + expected
+    assert model.network.products.out_features == n * (n - 1) // 2
+
+
+def test_pooled_field_counts_use_floor_division():
+    assert pooled_field_counts(10, (2, 2, 2)) == [5, 2, 1]
+    assert pooled_field_counts(10, (3, 3)) == [3, 1]
+
+
+# -- layers ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, c_in, c_out, h", [(10, 1, 14, 7), (5, 14, 16, 7), (2, 3, 4, 7), (6, 2, 3, 4),
+                                             (3, 2, 2, 1)])
+def test_field_convolution_equals_conv2d_same(n, c_in, c_out, h):
+    torch.manual_seed(0)
+    conv = FieldConvolution(n, c_in, c_out, h)
+    x = torch.randn(3, 5, n, c_in)  # (B, k, F, C)
+    # 'same': (h - 1) // 2 zero rows before the fields, the rest (one more for an even h) after, as in PyTorch
+    padded = F.pad(x.permute(0, 3, 2, 1), (0, 0, (h - 1) // 2, h - 1 - (h - 1) // 2))  # (B, C, F + h - 1, k)
+    expected = F.conv2d(padded, conv.weight[..., None], conv.bias)
+    torch.testing.assert_close(conv(x), expected.permute(0, 3, 2, 1))
+
+
+def test_pairwise_inner_products_in_row_major_pair_order():
+    x = torch.randn(4, 5, 3)
+    products = PairwiseInnerProducts(5)
+    expected = torch.stack([(x[:, a] * x[:, b]).sum(-1) for a in range(5) for b in range(a + 1, 5)], dim=1)
+    torch.testing.assert_close(products(x), expected)
+    assert products.out_features == 10
+    with pytest.raises(ConfigError, match=r"expects \(B, 5, k\), got \(4, 6, 3\)"):
+        products(torch.randn(4, 6, 3))
+
+
+# -- FGCNN on categorical fields ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head", ["linear", "mmoe"])
+@pytest.mark.parametrize("separate", [True, False])
+def test_fgcnn_shapes_and_gradients(head, separate):
+    model = FGCNN([4, 7, 3, 5, 2, 9], n_tasks=3, config=FGCNNConfig(**{**SMALL, "head": head,
+                                                                         "separate_embeddings": separate}))
+    codes = torch.stack([torch.randint(0, s, (16,)) for s in (4, 7, 3, 5, 2, 9)], dim=1)
+    logits = model(codes)
+    assert logits.shape == (16, 3) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert (model.generation_embedding is not None) == separate
+
+
+def test_fgcnn_learns_a_planted_interaction():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    n, sizes = 6000, [6, 6, 5, 4, 7]
+    codes = np.stack([rng.integers(0, s, n) for s in sizes], axis=1)
+    # Clicks depend on an interaction of fields 0 and 1 (same parity) and on field 2, not on the others.
+    logit = 2.5 * ((codes[:, 0] % 2) == (codes[:, 1] % 2)) + 0.8 * (codes[:, 2] == 0) - 1.5
+    labels = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+    x, y = torch.from_numpy(codes), torch.from_numpy(labels)
+    model = FGCNN(sizes, 1, FGCNNConfig(**SMALL))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    train_rows = torch.arange(5000)
+    for epoch in range(4):
+        for rows in train_rows[torch.randperm(5000, generator=torch.Generator().manual_seed(epoch))].split(128):
+            loss = F.binary_cross_entropy_with_logits(model(x[rows])[:, 0], y[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        scores = model(x[5000:])[:, 0].numpy()
+    best = roc_auc_score(labels[5000:], logit[5000:])  # the planted model's own AUC
+    auc = roc_auc_score(labels[5000:], scores)
+    assert auc > 0.7 and auc > best - 0.03, (auc, best)
+
+
+# -- the ranking model ---------------------------------------------------------------------------------
+
+
+def test_registered_and_built_from_a_dict(source, tables):
+    assert "fgcnn" in MODELS
+    model = build_model("fgcnn", source.spec, tables, {"embedding_dim": 8, "head": "mmoe"})
+    assert model.fields.names == ("user", "item", "category", "age_bucket", "region", "history")
+    batch = source.batch(source.order("train", shuffle=True)[:64])
+    logits = model(batch)
+    assert logits.shape == (64, len(source.tasks)) and torch.isfinite(logits).all()
+    F.binary_cross_entropy_with_logits(logits, batch.labels).backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None]
+    info = describe_model(model)
+    assert info["name"] == "fgcnn" and info["config"]["channels"] == [14, 16]
+    assert not any(k.endswith((".tap", ".flat_index", ".index", ".offsets")) for k in model.state_dict())
+
+
+def test_build_is_deterministic_by_seed(source, tables):
+    a = build_model("fgcnn", source.spec, tables, seed=3).state_dict()
+    b = build_model("fgcnn", source.spec, tables, seed=3).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trains_through_the_trainer(source, tables, tmp_path):
+    model = build_model("fgcnn", source.spec, tables, {**SMALL, "embedding_dim": 8})
+    result = train(model, source, TrainConfig(epochs=1, batch_size=512), tmp_path, progress=False)
+    frame = predict(result.model, source, "valid")
+    assert result.history.steps == source.n_batches("train", 512)
+    assert np.isfinite(frame[[f"score_{t}" for t in source.tasks]].to_numpy()).all()
+
+
+def test_history_field_is_the_mean_of_the_history_id_embeddings(source, tables):
+    model = build_model("fgcnn", source.spec, tables, {"embedding_dim": 8})
+    batch = source.batch(source.rows("valid")[:32])
+    batch.history[0] = -1  # an empty history: a zero field
+    assert (batch.history_len > 1).any() and batch.history_len[0] == 0
+    with torch.no_grad():
+        fields = model.fields(batch)
+        item = model.fields.item
+        for b in range(32):
+            filled = batch.history[b][batch.history[b] >= 0]
+            expected = item(filled).mean(0) if len(filled) else torch.zeros(8)
+            torch.testing.assert_close(fields[b, -1], expected)
+        torch.testing.assert_close(fields[:, 1], item(batch.item))
+
+
+@pytest.mark.parametrize("separate", [True, False])
+def test_cold_items_use_the_oov_row(source, tables, separate):
+    model = build_model("fgcnn", source.spec, tables, {"separate_embeddings": separate}).eval()
+    cold = np.flatnonzero(source.item_cold)[:2]
+    assert (tables.id_index[cold] == OOV).all()
+    # one user, no history, one category: the two rows differ only in the (cold) target item
+    batch = source.batch(np.repeat(source.rows("valid")[:1], 2))
+    batch.item = torch.from_numpy(cold)
+    batch.history = torch.full_like(batch.history, -1)
+    batch.category = batch.category[:1].repeat(2)
+    tables_in_model = [m.item.table for m in (model.fields, model.generation_fields) if m is not None]
+    assert len(tables_in_model) == (2 if separate else 1)
+    with torch.no_grad():
+        scores = model(batch)
+        torch.testing.assert_close(scores[0], scores[1])  # both read the one OOV row
+        for table in tables_in_model:
+            table.weight[1:] += 1.0  # every in-vocabulary ID embedding moves
+        torch.testing.assert_close(model(batch), scores)  # cold targets do not read them
+        tables_in_model[0].weight[OOV] += 1.0
+        assert not torch.allclose(model(batch), scores)  # they read the OOV row
+
+
+# -- config errors -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"embedding_dim": 0}, "The 'embedding_dim' parameter of FGCNNConfig must be an int >= 1. Got 0 instead."),
+    ({"channels": ()}, "The 'channels' parameter of FGCNNConfig must be a non-empty list of ints >= 1. Got ()"),
+    ({"kernel_heights": (7,)}, "The 'kernel_heights' parameter of FGCNNConfig must have one entry per block "
+                               "(len(channels) = 2). Got (7,) instead."),
+    ({"pooling": (2, 0)}, "The 'pooling' parameter of FGCNNConfig must be an int >= 1. Got 0 instead."),
+    ({"hidden": (64, -1)}, "The 'hidden' parameter of FGCNNConfig must be an int >= 1. Got -1 instead."),
+    ({"dropout": 1.5}, "The 'dropout' parameter of FGCNNConfig must be a float in [0.0, 0.99]. Got 1.5 instead."),
+    ({"head": "ple"}, "The 'head' parameter of FGCNNConfig must be one of 'linear', 'mmoe'. Got 'ple' instead."),
+    ({"separate_embeddings": "yes"}, "The 'separate_embeddings' parameter of FGCNNConfig must be a bool."),
+])
+def test_bad_config_names_the_field(values, message):
+    with pytest.raises(ConfigError) as err:
+        FGCNNConfig(**values)
+    assert message in str(err.value)
+
+
+def test_too_few_fields_for_the_pooling(source, tables):
+    config = {"channels": (4, 4, 4), "kernel_heights": (3, 3, 3), "pooling": (2, 2, 2), "new_features": (1, 1, 1)}
+    with pytest.raises(ConfigError, match=r"The 'pooling' parameter of FGCNNConfig, \(2, 2, 2\), needs at least 8 "
+                                          r"fields .* the data gives 6 \(user, item, category, age_bucket, region, "
+                                          r"history\)"):
+        build_model("fgcnn", source.spec, tables, config)
+    with pytest.raises(ConfigError, match=r"needs at least 2 fields"):
+        FGCNN([5], 1, FGCNNConfig(pooling=(1, 1)))
+
+
+def test_unknown_config_key_lists_the_allowed_ones():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['chanels'\] .* allowed keys: .*'channels'"):
+        model_config("fgcnn", {"chanels": (4,)})
+    assert model_config("fgcnn", {"channels": [4, 4]}).channels == (4, 4)  # YAML lists become tuples

@@ -11,11 +11,15 @@ Row ``i`` of every table belongs to item ``i`` (ids are dense, see :mod:`qarm.da
 * ``rq`` ``(n_items, L)``: RQ codes, one code per level, level ``l`` in ``0..rq_sizes[l]-1``.
 * ``vectors`` name -> ``(n_items, D)`` float32: frozen item vectors (``"pretrained"``, ``"aligned"``),
   the cascading baseline's input.
+* ``texts`` (optional) ``n_items`` strings and ``modalities`` name -> ``(n_items, D)`` float32: the raw
+  content of each item (its text, :func:`qarm.encode.text.item_texts`, and the dataset's modality
+  vectors), for models that encode content end to end (EM3). Models that do not use them ignore them.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +50,10 @@ class ItemTables:
     vectors : dict name -> float32 array (n_items, D)
     codes_version : str or None
         The quantize folder's ``codes_version``.
+    texts : list of n_items str, or None
+        Each item's text (end-to-end content models).
+    modalities : dict name -> float32 array (n_items, D)
+        The dataset's modality vectors (``Dataset.item_vectors``: image, audio, ...), raw.
     """
 
     id_index: np.ndarray
@@ -54,6 +62,8 @@ class ItemTables:
     rq_sizes: tuple[int, ...] = ()
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     codes_version: str | None = None
+    texts: list[str] | None = None
+    modalities: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_items(self) -> int:
@@ -74,7 +84,8 @@ class ItemTables:
 
     @classmethod
     def build(cls, source: ExampleSource, *, quantize_dir: str | Path | None = None,
-              align_dir: str | Path | None = None, vectors: dict[str, np.ndarray] | None = None) -> ItemTables:
+              align_dir: str | Path | None = None, vectors: dict[str, np.ndarray] | None = None,
+              texts: Sequence[str] | None = None, modalities: dict[str, np.ndarray] | None = None) -> ItemTables:
         """Tables for the items of ``source``.
 
         Parameters
@@ -87,6 +98,10 @@ class ItemTables:
             An alignment folder (``qarm align``): ``pretrained`` and ``aligned`` vectors.
         vectors : dict name -> (n_items, D) array, or None
             Further frozen vectors (override those of ``align_dir`` with the same name).
+        texts : sequence of n_items str, or None
+            Item texts for end-to-end content models (EM3), e.g. ``item_texts(dataset)``.
+        modalities : dict name -> (n_items, D) array, or None
+            Raw modality vectors for end-to-end content models, e.g. ``dataset.item_vectors``.
         """
         n = source.spec.n_items
         vocab = source.training_items()
@@ -106,11 +121,22 @@ class ItemTables:
             if value.ndim != 2 or value.shape[0] != n:
                 raise DataError(f"vectors {name!r} must be (n_items={n}, dim), got {value.shape}")
             tables.vectors[name] = np.ascontiguousarray(value, dtype=np.float32)
+        if texts is not None:
+            tables.texts = [str(t) for t in texts]
+            if len(tables.texts) != n:
+                raise DataError(f"texts must hold one text per item (n_items={n}), got {len(tables.texts)}")
+        for name, value in (modalities or {}).items():
+            value = np.ascontiguousarray(value, dtype=np.float32)
+            if value.ndim != 2 or value.shape[0] != n:
+                raise DataError(f"modality {name!r} must be (n_items={n}, dim), got {value.shape}")
+            tables.modalities[name] = value
         return tables
 
     def describe(self) -> dict[str, object]:
         return {"n_items": self.n_items, "n_vocab": self.n_vocab, "vq_k": self.vq_k, "rq_sizes": list(self.rq_sizes),
-                "vectors": {k: int(v.shape[1]) for k, v in self.vectors.items()}, "codes_version": self.codes_version}
+                "vectors": {k: int(v.shape[1]) for k, v in self.vectors.items()}, "codes_version": self.codes_version,
+                "texts": None if self.texts is None else len(self.texts),
+                "modalities": {k: int(v.shape[1]) for k, v in self.modalities.items()}}
 
 
 def _read_codes(folder: Path, n_items: int) -> tuple[np.ndarray, np.ndarray, tuple[int, ...], str | None]:

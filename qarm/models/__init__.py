@@ -21,6 +21,7 @@ from qarm.errors import ConfigError
 from qarm.features.examples import FeatureSpec
 from qarm.features.tables import ItemTables
 from qarm.models.baseline import BaselineConfig, BaselineRanker
+from qarm.models.em3 import EM3Config, EM3Ranker
 from qarm.models.fgcnn import FGCNNConfig, FGCNNRanker
 from qarm.models.layers import MMoEConfig
 from qarm.models.qarm import QARMConfig, QARMRanker
@@ -43,6 +44,9 @@ MODELS: dict[str, ModelEntry] = {
                            "id_only + the frozen pre-trained item vector (the cascading baseline)"),
     "qarm": ModelEntry(QARMRanker, QARMConfig, {},
                        "baseline + aligned vector, VQ codes, RQ codes, code-matching sequences (switches)"),
+    "em3": ModelEntry(EM3Ranker, EM3Config, {},
+                      "EM3: item text (cached MiniLM + top layers with LoRA) and modality vectors fused by a "
+                      "Q-Former, trained end to end beside IDs + DIN + MMoE, content-ID contrastive loss"),
     "fgcnn": ModelEntry(FGCNNRanker, FGCNNConfig, {},
                         "FGCNN: CNN-generated features + IPNN over user / item / side / mean-history ID fields"),
 }

@@ -3,7 +3,9 @@
 The model maps a :class:`~qarm.features.RankingBatch` to logits ``(B, T)``; this module owns everything
 else (TorchRec / nanoGPT split: the model is not the trainer):
 
-* **loss**: the sum over tasks of each task's mean binary cross-entropy with logits;
+* **loss**: the sum over tasks of each task's mean binary cross-entropy with logits, plus the model's own
+  auxiliary loss when it has one (a method ``auxiliary_loss()`` returning a scalar tensor or None, computed
+  during the last forward, e.g. EM3's content-ID contrastive loss);
 * **batches**: epoch ``e`` visits the training rows in the order ``default_rng([seed, e])``; global step
   ``s`` is batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``, so the step number alone
   says where the data stands and a resumed run replays nothing and skips nothing;
@@ -282,6 +284,10 @@ class _Trainer:
     def train_step(self, batch: RankingBatch) -> float:
         self.model.train()
         loss = loss_fn(self.model(batch), batch.labels)
+        auxiliary = getattr(self.module, "auxiliary_loss", None)
+        extra = auxiliary() if callable(auxiliary) else None
+        if extra is not None:
+            loss = loss + extra
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip is not None:

@@ -342,3 +342,29 @@ def ablate(
         _fail(exc)
     console.print(f"wrote {out / 'ablation.md'}")
     Console().print(Markdown((out / "ablation.md").read_text()))
+
+
+@app.command()
+def leaderboard(
+    data: Annotated[Path, typer.Argument(help="A prepared dataset folder (`qarm data prepare`).")],
+    out: Annotated[Path, typer.Option(help="Output folder: runs/, leaderboard.json, leaderboard.md. The same "
+                                           "folder as `qarm ablate` reuses its finished runs.")],
+    codes: Annotated[Path | None, typer.Option(help="A quantize folder (`qarm quantize`) of aligned vectors.")] = None,
+    vectors: Annotated[Path | None, typer.Option(help="An align folder (`qarm align`): pretrained + aligned.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML with the fields of "
+                                                "qarm.train.ablation.AblationConfig.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE, e.g. seeds=[0] or workers=2 or "
+                                                   "train_overrides.em3.max_seconds=1800")] = None,
+) -> None:
+    """DIN, Baseline, FGCNN, EM3 and the QARM variants on one split: AUC / UAUC / GAUC / logloss, time, size."""
+    from qarm.train.ablation import AblationConfig, run_ablation
+
+    try:
+        options = merge({"studies": ["leaderboard"]}, merge(load_yaml(config) if config else {}, parse_sets(set_)))
+        board = AblationConfig.from_dict(options)
+        run_ablation(data, out, board, quantize_dir=codes, align_dir=vectors, progress=board.workers == 1,
+                     log=lambda msg: console.print(msg, highlight=False, markup=False), report_name="leaderboard")
+    except QarmError as exc:
+        _fail(exc)
+    console.print(f"wrote {out / 'leaderboard.md'}")
+    Console().print(Markdown((out / "leaderboard.md").read_text()))

@@ -47,9 +47,9 @@ Log = Callable[[str], None]
 
 
 def _default_align() -> AlignStageConfig:
-    # The embedded default is a 5k-item catalogue with short titles: a few hundred contrastive steps and
-    # three User2Item epochs are enough there, and keep `qarm run` within its time budget.
-    return AlignStageConfig(user2item=User2ItemConfig(epochs=3), train=AlignConfig(max_steps=150, eval_every=50),
+    # The embedded default is a 5k-item catalogue with short titles: three User2Item epochs and 1,000
+    # head-only contrastive steps are enough there, and keep `qarm run` within its time budget.
+    return AlignStageConfig(user2item=User2ItemConfig(epochs=3), train=AlignConfig(max_steps=1000, eval_every=100),
                             tsne_sample=1000)
 
 

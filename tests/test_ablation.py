@@ -108,3 +108,28 @@ def test_gain_table_is_the_difference_of_means():
     variants = {"a": {"metrics": report(0.70, 0.60, 0.003)}, "b": {"metrics": report(0.68, 0.50, 0.004)}}
     lines = gain_table(variants, "click", "a", ["b"])
     assert lines[2] == f"| b | +2.00 ± {100 * math.hypot(0.003, 0.004):.2f} | +10.00 ± 0.50 |"
+
+
+def test_leaderboard_trains_every_system_and_shares_qarm_runs(folders, tmp_path):
+    """DIN, Baseline, FGCNN, EM3 (its own budget) and the QARM rows on one split; EM3 reads item texts."""
+    train = TrainConfig(max_steps=4, batch_size=128)
+    ablation = AblationConfig(studies=("table1",), rows=("ID-only", QARM_ROW), seeds=(0,), history_length=10,
+                              train=train)
+    run_ablation(folders / "data", tmp_path, ablation, quantize_dir=folders / "quantize",
+                 align_dir=folders / "align")
+    board = AblationConfig(studies=("leaderboard",), seeds=(0,), history_length=10, train=train,
+                           models={"em3": {"content_history_length": 0, "max_seq_length": 16}},
+                           train_overrides={"em3": {"batch_size": 32, "max_steps": 2}})
+    lines: list[str] = []
+    result = run_ablation(folders / "data", tmp_path, board, quantize_dir=folders / "quantize",
+                          align_dir=folders / "align", log=lines.append, report_name="leaderboard")
+    rows = result["variants"]
+    assert list(rows) == ["DIN (ID-only)", "Baseline", "FGCNN", "EM3", "QARM + aligned vector", "QARM + VQ",
+                          "QARM + RQ", "QARM VQ & RQ"]
+    assert any("2 runs already finished" in line for line in lines)  # DIN and QARM VQ & RQ: from the ablation
+    em3 = json.loads((tmp_path / "runs" / rows["EM3"]["run_key"] / "seed0" / "report.json").read_text())
+    assert em3["config"]["train"]["batch_size"] == 32 and em3["history"]["steps"] == 2
+    assert em3["tables"]["texts"] == em3["tables"]["n_items"] == 300  # one text per item, read from the folder
+    assert rows["FGCNN"]["parameters"] > 0 and rows["EM3"]["parameters"] > rows["FGCNN"]["parameters"] / 100
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert md.startswith("# Leaderboard on") and "| EM3 | em3" in md

@@ -8,6 +8,9 @@ QARM's tables, reproduced on any prepared dataset with its codes and vectors:
   the code-matching sequences that its codes define) and ``+ VQ & RQ`` (QARM);
 * **k** (Table 7): QARM with the first K of the stored VQ codes, K in ``ks``;
 * **d** (Table 8): QARM with code embeddings of size d, d in ``code_dims``;
+* **leaderboard** (issue 6): the three systems side by side: DIN (the ID-only model), Baseline, FGCNN,
+  EM3 and the QARM rows, each with its own training budget where it needs one (EM3:
+  ``train_overrides``), so the table's training times say what each system costs;
 * **groups** (Table 5): no extra training: QARM's gain over the Baseline and over ID-only per long-tail
   group L1..L6 and on cold-start items, read from the table1 runs.
 
@@ -49,11 +52,10 @@ from qarm.errors import ConfigError
 from qarm.evaluate.metrics import COLD_START, OVERALL
 from qarm.evaluate.report import aggregate_seeds, render_markdown
 from qarm.features.examples import ExampleSource
-from qarm.features.tables import ItemTables
-from qarm.train.stage import REPORT_FILE, RankingConfig, train_ranking
+from qarm.train.stage import REPORT_FILE, RankingConfig, build_tables, train_ranking
 from qarm.train.trainer import TrainConfig
 
-STUDIES = ("table1", "k", "d", "groups")
+STUDIES = ("table1", "k", "d", "groups", "leaderboard")
 ABLATION_FILE = "ablation"
 Log = Callable[[str], None]
 
@@ -68,6 +70,18 @@ TABLE1: dict[str, tuple[str, dict[str, Any]]] = {
     "+ VQ & RQ": ("qarm", {"vector": "aligned", "use_vq": True, "use_rq": True, "use_code_matching": True}),
 }
 QARM_ROW = "+ VQ & RQ"
+# The leaderboard's rows: name -> Table 1 row it shares runs with, or the model of its own.
+LEADERBOARD: dict[str, str] = {
+    "DIN (ID-only)": "ID-only", "Baseline": "Baseline", "FGCNN": "fgcnn", "EM3": "em3",
+    "QARM + aligned vector": "+ aligned vector", "QARM + VQ": "+ VQ", "QARM + RQ": "+ RQ",
+    "QARM VQ & RQ": QARM_ROW,
+}
+
+
+def _default_overrides() -> dict[str, dict[str, Any]]:
+    # EM3 runs a transformer layer per item in every step (~40-80 examples/s on 2 cores, ~8 h an epoch of
+    # MicroLens-50k): it trains on a fixed budget of 15 minutes, larger batches, validation every 300 steps.
+    return {"em3": {"batch_size": 512, "max_seconds": 900.0, "eval_every": 300}}
 
 
 @dataclass
@@ -81,6 +95,10 @@ class AblationConfig:
     code_dims: tuple[int, ...] = (16, 32, 64)  # Table 8: code embedding size
     history_length: int = 50  # the paper's n latest positives
     model: dict[str, Any] = field(default_factory=dict)  # shared model settings (id_dim, head...), every variant
+    models: dict[str, dict[str, Any]] = field(default_factory=lambda: {"em3": {"content_history_length": 0}})
+    # ^ per-model settings of the leaderboard's other systems (fgcnn, em3); EM3 gives content to the targets
+    #   only by default (its history uses IDs), the cheapest setting that still trains its text layer end to end
+    train_overrides: dict[str, dict[str, Any]] = field(default_factory=_default_overrides)  # per model: TrainConfig keys
     train: TrainConfig = field(default_factory=TrainConfig)  # the seed inside is replaced by each of `seeds`
     eval_split: str = "test"
     workers: int = 1  # runs trained at once, each in its own process with one torch thread
@@ -115,6 +133,7 @@ class AblationConfig:
                               f"Got {self.eval_split!r} instead.")
         for name, model_config in self.variants(vq_k_stored=max(self.ks)).values():
             RankingConfig(model=name, model_config=model_config)  # unknown model keys fail now, not mid-run
+            self.train_config(name, 0)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> AblationConfig:
@@ -137,8 +156,21 @@ class AblationConfig:
             for d in self.code_dims:
                 rows[f"d={d}"] = ("qarm", {**qarm, "code_dim": d})
         # Shared settings (sizes, head) under every row's switches; a row's own switch wins.
-        return {name: (model, _drop_defaults(model, {**self._shared(model), **switches}))
-                for name, (model, switches) in rows.items()}
+        out = {name: (model, _drop_defaults(model, {**self._shared(model), **switches}))
+               for name, (model, switches) in rows.items()}
+        if "leaderboard" in self.studies:
+            for name, ref in LEADERBOARD.items():
+                if ref in TABLE1:
+                    model, switches = TABLE1[ref]
+                    out[name] = (model, _drop_defaults(model, {**self._shared(model), **switches}))
+                else:
+                    out[name] = (ref, _drop_defaults(ref, dict(self.models.get(ref, {}))))
+        return out
+
+    def train_config(self, model: str, seed: int) -> TrainConfig:
+        """The shared training recipe with ``model``'s overrides and ``seed``."""
+        data = {**to_dict(self.train), **self.train_overrides.get(model, {}), "seed": seed}
+        return from_dict(TrainConfig, data, where=f"ablation.train_overrides.{model}")
 
     def _shared(self, model: str) -> dict[str, Any]:
         if model == "qarm":
@@ -171,8 +203,9 @@ def run_key(model: str, model_config: dict[str, Any]) -> str:
 
 def run_ablation(dataset_dir: str | Path, out_dir: str | Path, config: AblationConfig | None = None, *,
                  quantize_dir: str | Path | None = None, align_dir: str | Path | None = None,
-                 progress: bool = False, log: Log | None = None) -> dict[str, Any]:
-    """Train every variant with every seed, aggregate, and write ``ablation.json`` / ``ablation.md``.
+                 progress: bool = False, log: Log | None = None, report_name: str = ABLATION_FILE) -> dict[str, Any]:
+    """Train every variant with every seed, aggregate, and write ``ablation.json`` / ``ablation.md``
+    (``<report_name>.json`` / ``.md``).
 
     Parameters
     ----------
@@ -192,13 +225,14 @@ def run_ablation(dataset_dir: str | Path, out_dir: str | Path, config: AblationC
     out = Path(out_dir)
     start = time.perf_counter()
     source = ExampleSource.from_folder(dataset_dir, history_length=config.history_length)
-    tables = ItemTables.build(source, quantize_dir=quantize_dir, align_dir=align_dir)
+    models = {m for m, _ in config.variants(vq_k_stored=max(config.ks)).values()}
+    tables = build_tables(source, dataset_dir, sorted(models), quantize_dir=quantize_dir, align_dir=align_dir)
     variants = config.variants(vq_k_stored=tables.vq_k or max(config.ks))
     jobs: dict[tuple[str, int], dict[str, Any]] = {}  # (run key, seed) -> job
     for name, (model, model_config) in variants.items():
         key = run_key(model, model_config)
         for seed in config.seeds:
-            train = from_dict(TrainConfig, {**to_dict(config.train), "seed": seed}, where="ablation.train")
+            train = config.train_config(model, seed)
             ranking = RankingConfig(model=model, model_config=model_config, history_length=config.history_length,
                                     train=train, eval_split=config.eval_split)
             jobs[(key, seed)] = {"config": ranking, "dir": out / "runs" / key / f"seed{seed}"}
@@ -234,8 +268,8 @@ def run_ablation(dataset_dir: str | Path, out_dir: str | Path, config: AblationC
 
     result = _assemble(config, variants, reports, time.perf_counter() - start)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"{ABLATION_FILE}.json", result)
-    atomic_write_bytes(out / f"{ABLATION_FILE}.md", render_ablation(result).encode("utf-8"))
+    write_json(out / f"{report_name}.json", result)
+    atomic_write_bytes(out / f"{report_name}.md", render_ablation(result).encode("utf-8"))
     return result
 
 
@@ -305,12 +339,22 @@ def render_ablation(result: dict[str, Any]) -> str:
     variants = result["variants"]
     seeds = result["config"]["seeds"]
     data = result["data"]
-    lines = [f"# Ablations on {data.get('dataset', '?')}", "",
+    title = "Leaderboard" if result["config"]["studies"] == ["leaderboard"] else "Ablations"
+    lines = [f"# {title} on {data.get('dataset', '?')}", "",
              f"{data.get('train_rows', '?'):,} training rows, tasks {result['tasks']}, evaluated on the "
              f"{result['eval_split']} split; seeds {seeds} (mean ± std, sample std); machine "
              f"{result['machine']['platform']}, {result['machine']['cpus']} CPUs; total {result['seconds']:.0f} s.",
              ""]
     studies = result["config"]["studies"]
+    if "leaderboard" in studies:
+        board = {n: v for n, v in variants.items() if n in LEADERBOARD}
+        lines += ["## Leaderboard: DIN, Baseline, FGCNN, EM3, QARM", "",
+                  "Same split, negatives, history and metrics for every row; training budgets as configured "
+                  f"(overrides: {json.dumps(result['config'].get('train_overrides', {}))}).", ""]
+        lines += _cost_table(board)
+        for task in result["tasks"]:
+            for metric in ("gauc", "auc", "uauc", "logloss"):
+                lines.append(render_markdown({n: v["metrics"] for n, v in board.items()}, task, metric))
     table1 = {n: v for n, v in variants.items() if n in TABLE1}
     if "table1" in studies:
         lines += ["## Table 1: from IDs to QARM", ""]

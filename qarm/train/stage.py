@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,26 @@ class RankingConfig:
         return from_dict(cls, data, where="ranking")
 
 
+CONTENT_MODELS = ("em3",)  # models that encode item content themselves: their tables carry texts and modalities
+
+
+def build_tables(source: ExampleSource, dataset_dir: str | Path | None, model: str | Sequence[str], *,
+                 quantize_dir: str | Path | None = None, align_dir: str | Path | None = None) -> ItemTables:
+    """The item tables the model(s) need: codes and frozen vectors, and for content models (EM3) the items'
+    texts and modality vectors, read from ``dataset_dir``."""
+    models = [model] if isinstance(model, str) else list(model)
+    texts = modalities = None
+    if any(m in CONTENT_MODELS for m in models):
+        if dataset_dir is None:
+            raise ConfigError(f"{[m for m in models if m in CONTENT_MODELS]} read item texts: give the dataset folder")
+        from qarm.data.io import load_dataset
+        from qarm.encode.text import item_texts
+
+        dataset = load_dataset(dataset_dir)
+        texts, modalities = item_texts(dataset), dict(dataset.item_vectors)
+    return ItemTables.build(source, quantize_dir=quantize_dir, align_dir=align_dir, texts=texts, modalities=modalities)
+
+
 def train_ranking(dataset_dir: str | Path | None, out_dir: str | Path, config: RankingConfig | None = None, *,
                   quantize_dir: str | Path | None = None, align_dir: str | Path | None = None,
                   source: ExampleSource | None = None, tables: ItemTables | None = None, resume: bool = True,
@@ -95,7 +115,7 @@ def train_ranking(dataset_dir: str | Path | None, out_dir: str | Path, config: R
         raise ConfigError(f"the source was built with history_length={source.history_length}, the config asks "
                           f"for {config.history_length}")
     if tables is None:
-        tables = ItemTables.build(source, quantize_dir=quantize_dir, align_dir=align_dir)
+        tables = build_tables(source, dataset_dir, config.model, quantize_dir=quantize_dir, align_dir=align_dir)
     seconds["features"] = time.perf_counter() - start
 
     model = build_model(config.model, source.spec, tables, config.model_config, seed=config.train.seed)

@@ -161,7 +161,7 @@ def fresh_encoder(text_model, dataset) -> ContentEncoder:
 
 
 CONFIG = AlignConfig(batch_size=4, max_steps=6, warmup_steps=2, eval_every=2, eval_pairs=8, checkpoint_every=3,
-                     trainable_layers=1, patience=10, lr=1e-4, head_lr=1e-2)
+                     trainable_layers=1, patience=10, lr=1e-4, head_lr=1e-2, monitor="holdout_loss")
 
 
 def test_resumed_run_ends_where_an_uninterrupted_run_does(text_model, data, tmp_path) -> None:
@@ -279,7 +279,8 @@ def test_early_stopping_returns_the_best_weights(text_model, data, monkeypatch) 
         states[step] = encoder.trainable_state()
 
     encoder = fresh_encoder(text_model, dataset)
-    config = AlignConfig(batch_size=4, max_steps=5, eval_every=1, patience=1, trainable_layers=0, head_lr=0.1)
+    config = AlignConfig(batch_size=4, max_steps=5, eval_every=1, patience=1, trainable_layers=0, head_lr=0.1,
+                         monitor="holdout_loss")
     encoder, history = train_alignment(encoder, dataset, train, holdout, config, progress=False, on_step=remember)
     assert history.stopped == "early_stopping" and len(history.steps) == 2
     assert history.best_step == 1 and history.best_metric == 0.5
@@ -342,7 +343,8 @@ def test_head_only_training_never_runs_the_text_model(text_model, data, monkeypa
         raise AssertionError("head-only training must not run the text model")
 
     monkeypatch.setattr(type(encoder.text_model), "forward", forbidden)
-    config = AlignConfig(batch_size=8, max_steps=50, eval_every=25, eval_pairs=8, trainable_layers=0, head_lr=1e-2)
+    config = AlignConfig(batch_size=8, max_steps=50, eval_every=25, eval_pairs=8, trainable_layers=0, head_lr=1e-2,
+                         warmup_steps=5, monitor="holdout_loss")
     encoder, history = train_alignment(encoder, dataset, train, holdout, config, progress=False)
     vectors = encode_items(encoder, dataset, progress=False)  # the aligned encoding: the head on cached vectors
     assert len(history.steps) == 50 and vectors.shape == (16, 8)

@@ -287,10 +287,6 @@ def codes_publish(
     console.print(f"published: {info}")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    app()
-
-
 @app.command()
 def train(
     data: Annotated[Path, typer.Argument(help="A prepared dataset folder (`qarm data prepare`).")],
@@ -330,6 +326,7 @@ def ablate(
                                                 "qarm.train.ablation.AblationConfig.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE, e.g. seeds=[0] or "
                                                    "studies=[table1,groups] or train.epochs=1 or workers=2")] = None,
+    fresh: Annotated[bool, typer.Option(help="Retrain every run (ignore finished runs and checkpoints in OUT).")] = False,
 ) -> None:
     """The paper's ablations: ID-only, Baseline, + aligned, + VQ, + RQ, + VQ & RQ; K; d; per-group gains."""
     from qarm.train.ablation import AblationConfig, run_ablation
@@ -337,7 +334,7 @@ def ablate(
     try:
         ablation = AblationConfig.from_dict(merge(load_yaml(config) if config else {}, parse_sets(set_)))
         run_ablation(data, out, ablation, quantize_dir=codes, align_dir=vectors, progress=ablation.workers == 1,
-                     log=lambda msg: console.print(msg, highlight=False, markup=False))
+                     log=lambda msg: console.print(msg, highlight=False, markup=False), fresh=fresh)
     except QarmError as exc:
         _fail(exc)
     console.print(f"wrote {out / 'ablation.md'}")
@@ -355,6 +352,7 @@ def leaderboard(
                                                 "qarm.train.ablation.AblationConfig.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE, e.g. seeds=[0] or workers=2 or "
                                                    "train_overrides.em3.max_seconds=1800")] = None,
+    fresh: Annotated[bool, typer.Option(help="Retrain every run (ignore finished runs and checkpoints in OUT).")] = False,
 ) -> None:
     """DIN, Baseline, FGCNN, EM3 and the QARM variants on one split: AUC / UAUC / GAUC / logloss, time, size."""
     from qarm.train.ablation import AblationConfig, run_ablation
@@ -363,8 +361,13 @@ def leaderboard(
         options = merge({"studies": ["leaderboard"]}, merge(load_yaml(config) if config else {}, parse_sets(set_)))
         board = AblationConfig.from_dict(options)
         run_ablation(data, out, board, quantize_dir=codes, align_dir=vectors, progress=board.workers == 1,
-                     log=lambda msg: console.print(msg, highlight=False, markup=False), report_name="leaderboard")
+                     log=lambda msg: console.print(msg, highlight=False, markup=False), report_name="leaderboard",
+                     fresh=fresh)
     except QarmError as exc:
         _fail(exc)
     console.print(f"wrote {out / 'leaderboard.md'}")
     Console().print(Markdown((out / "leaderboard.md").read_text()))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

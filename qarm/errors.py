@@ -16,6 +16,11 @@ class ConfigError(QarmError, ValueError):
     """A parameter or a configuration file is invalid."""
 
 
+class CheckpointMismatch(ConfigError):
+    """A checkpoint exists but was written by another run (other settings, model or inputs): resuming it
+    would mix two runs. Start over (``resume=False``) or use another folder."""
+
+
 class DataError(QarmError, ValueError):
     """Input data violates the dataset contract or cannot be read.
 

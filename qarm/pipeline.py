@@ -137,7 +137,7 @@ def run_pipeline(config: RunConfig, out: str | Path, *, fresh: bool = False, log
     rank_dir = out / "rank"
     stages.run("rank", config.rank, ("quantize",), rank_dir / f"{ABLATION_FILE}.json",
                lambda: run_ablation(data_dir, rank_dir, config.rank, quantize_dir=quantize_dir, align_dir=align_dir,
-                                    progress=config.rank.workers == 1, log=log))
+                                    progress=config.rank.workers == 1, log=log, fresh=fresh))
 
     start = time.perf_counter()
     align_report = json.loads((align_dir / "align_report.json").read_text())

@@ -133,3 +133,37 @@ def test_leaderboard_trains_every_system_and_shares_qarm_runs(folders, tmp_path)
     assert rows["FGCNN"]["parameters"] > 0 and rows["EM3"]["parameters"] > rows["FGCNN"]["parameters"] / 100
     md = (tmp_path / "leaderboard.md").read_text()
     assert md.startswith("# Leaderboard on") and "| EM3 | em3" in md
+
+
+def test_runs_on_other_codes_are_retrained_not_read_back(folders, tmp_path):
+    """A finished run is only read back for the same examples and item tables: re-quantising the
+    catalogue (other codes) retrains every row, and its stale checkpoints do not block the new runs."""
+    config = AblationConfig(studies=("table1",), rows=("ID-only", QARM_ROW), seeds=(0,), history_length=10,
+                            train=TrainConfig(max_steps=4, batch_size=256))
+    first = run_ablation(folders / "data", tmp_path / "ab", config, quantize_dir=folders / "quantize",
+                         align_dir=folders / "align")
+    rng = np.random.default_rng(1)
+    truth = np.asarray(load_vectors(folders)["aligned"])
+    quantize_items(truth + rng.normal(0, 2, truth.shape).astype(np.float32), None, tmp_path / "other",
+                   QuantizeConfig(rq=RQConfig(codebook_size=8, levels=2), vq=VQConfig(k=6), write_store=False))
+    lines: list[str] = []
+    second = run_ablation(folders / "data", tmp_path / "ab", config, quantize_dir=tmp_path / "other",
+                          align_dir=folders / "align", log=lines.append)
+    assert not any("already finished" in line for line in lines)
+    assert second["tables"]["digest"] != first["tables"]["digest"]
+    qarm = [second["variants"][QARM_ROW]["per_seed"]["0"], first["variants"][QARM_ROW]["per_seed"]["0"]]
+    assert json.dumps(qarm[0]) != json.dumps(qarm[1])  # trained on the other codes
+    # an interrupted run on the old codes leaves a checkpoint: the new run replaces it instead of failing
+    run_dir = tmp_path / "ab" / "runs" / second["variants"][QARM_ROW]["run_key"] / "seed0"
+    (run_dir / "report.json").unlink()
+    lines.clear()
+    third = run_ablation(folders / "data", tmp_path / "ab", config, quantize_dir=folders / "quantize",
+                         align_dir=folders / "align", log=lines.append)
+    assert any("starting that run over" in line for line in lines)
+    assert json.dumps(third["variants"][QARM_ROW]["per_seed"]) == json.dumps(first["variants"][QARM_ROW]["per_seed"])
+
+
+def load_vectors(folders):
+    from safetensors.numpy import load_file
+
+    return load_file(str(folders / "align" / VECTORS_FILE))

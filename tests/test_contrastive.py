@@ -214,7 +214,7 @@ def test_checkpoint_of_another_config_is_refused(text_model, data, tmp_path) -> 
     dataset, train, holdout = data
     small = AlignConfig(batch_size=4, max_steps=1, eval_every=1, eval_pairs=4, checkpoint_every=1, trainable_layers=0)
     train_alignment(fresh_encoder(text_model, dataset), dataset, train, holdout, small, tmp_path, progress=False)
-    other = AlignConfig(**{**small.__dict__, "temperature": 0.1})
+    other = AlignConfig(**{**small.__dict__, "temperature": 0.2})
     with pytest.raises(ConfigError, match=r"another run \(different config keys \['temperature'\]\)"):
         train_alignment(fresh_encoder(text_model, dataset), dataset, train, holdout, other, tmp_path, progress=False)
     _, history = train_alignment(fresh_encoder(text_model, dataset), dataset, train, holdout, other, tmp_path,
@@ -350,3 +350,21 @@ def test_head_only_training_never_runs_the_text_model(text_model, data, monkeypa
     assert len(history.steps) == 50 and vectors.shape == (16, 8)
     assert history.steps[-1]["loss"] < history.steps[0]["loss"]
     assert not torch.equal(before["projections.0.weight"], encoder.trainable_state()["projections.0.weight"])
+
+
+def test_head_only_evaluation_ranks_targets_among_all_items(text_model, data) -> None:
+    """With the text model frozen, early stopping watches the stage's own measure: held-out Recall@10
+    among every item, the same number pair_recall computes."""
+    from qarm.align.evaluate import pair_recall
+
+    dataset, train, holdout = data
+    encoder = ContentEncoder(ContentEncoderConfig(out_dim=8), text_model=copy.deepcopy(text_model)).fit(
+        dataset, progress=False, keep_frozen_states=0)
+    config = AlignConfig(batch_size=8, max_steps=3, eval_every=3, eval_pairs=len(holdout), trainable_layers=0)
+    encoder, history = train_alignment(encoder, dataset, train, holdout, config, progress=False)
+    assert [e["pool_items"] for e in history.evals] == [dataset.n_items, dataset.n_items]
+    vectors = encode_items(encoder, dataset, progress=False)
+    assert history.evals[-1]["holdout_recall@10"] == pytest.approx(pair_recall(vectors, holdout, ks=(10,))["recall@10"])
+    pooled = AlignConfig(**{**config.__dict__, "eval_candidates": "pool"})
+    _, history = train_alignment(fresh_encoder(text_model, dataset), dataset, train, holdout, pooled, progress=False)
+    assert history.evals[0]["pool_items"] < dataset.n_items

@@ -394,3 +394,49 @@ def test_fit_with_a_cached_text_pass_runs_only_the_frozen_layers(text_model, tmp
     monkeypatch.undo()
     torch.testing.assert_close(second.frozen_states_.tokens, first.frozen_states_.tokens)
     torch.testing.assert_close(second.frozen_states_.pooled, first.frozen_states_.pooled)
+
+
+# -- the residual MLP ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fusion", ["concat", "sum", "gated"])
+def test_residual_mlp_starts_as_the_identity(text_model, fusion) -> None:
+    """The pre-trained representation does not depend on the residual MLP: its output layer starts at 0."""
+    dataset = tiny_dataset(2)
+    with_mlp = make_encoder(text_model, dataset, out_dim=8, fusion=fusion, residual_hidden=16)
+    without = make_encoder(text_model, dataset, out_dim=8, fusion=fusion, residual_hidden=0)
+    assert without.residual is None and with_mlp.residual[0].in_features == 2 * 8
+    np.testing.assert_allclose(encode_items(with_mlp, dataset, progress=False),
+                               encode_items(without, dataset, progress=False), atol=1e-6)
+    with torch.no_grad():  # once trained it changes the vectors, item by item
+        with_mlp.residual[2].weight.normal_(0, 0.5)
+    moved = encode_items(with_mlp, dataset, progress=False)
+    assert np.abs(moved - encode_items(without, dataset, progress=False)).max() > 0.05
+    np.testing.assert_allclose(np.linalg.norm(moved, axis=1), 1.0, atol=1e-5)
+
+
+def test_residual_mlp_round_trips_and_old_records_load_without_it(text_model, tmp_path) -> None:
+    dataset = tiny_dataset(2)
+    encoder = make_encoder(text_model, dataset, out_dim=8, residual_hidden=16).set_trainable(0)
+    with torch.no_grad():
+        encoder.residual[2].weight.add_(0.1)
+    before = encode_items(encoder, dataset, progress=False)
+    save_encoder(encoder, tmp_path / "enc")
+    loaded = load_encoder(tmp_path / "enc", text_model=copy.deepcopy(text_model))
+    np.testing.assert_allclose(encode_items(loaded, dataset, progress=False), before, atol=1e-6)
+    # an encoder saved before residual_hidden existed: its record lacks the key and its weights the MLP
+    plain = make_encoder(text_model, dataset, out_dim=8, residual_hidden=0).set_trainable(0)
+    save_encoder(plain, tmp_path / "old")
+    record = json.loads((tmp_path / "old" / "encoder.json").read_text())
+    del record["config"]["residual_hidden"]
+    (tmp_path / "old" / "encoder.json").write_text(json.dumps(record))
+    old = load_encoder(tmp_path / "old", text_model=copy.deepcopy(text_model))
+    assert old.residual is None
+    np.testing.assert_allclose(encode_items(old, dataset, progress=False),
+                               encode_items(plain, dataset, progress=False), atol=1e-6)
+
+
+def test_residual_hidden_must_be_a_non_negative_int() -> None:
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="'residual_hidden' parameter of ContentEncoderConfig must be an int >= 0"):
+            ContentEncoderConfig(residual_hidden=bad)

@@ -203,3 +203,18 @@ def test_split_pairs_is_seeded_and_disjoint():
     assert not train.equals(other)
     with pytest.raises(ConfigError, match=r"The 'holdout_fraction' parameter of split_pairs must be in \[0, 1\)"):
         split_pairs(pairs, 1.0)
+
+
+def test_split_holdout_keeps_the_test_pairs_apart_from_early_stopping() -> None:
+    from qarm.align.stage import split_holdout
+
+    holdout = pd.DataFrame({"trigger": np.arange(100), "target": np.arange(100) + 1000, "score": 0.5})
+    stopping, test = split_holdout(holdout, 30, seed=0)
+    assert len(stopping) == 30 and len(test) == 70
+    keys = lambda f: set(zip(f["trigger"], f["target"]))  # noqa: E731
+    assert not keys(stopping) & keys(test) and keys(stopping) | keys(test) == keys(holdout)
+    again, _ = split_holdout(holdout, 30, seed=0)
+    pd.testing.assert_frame_equal(again, stopping)  # seeded
+    assert keys(split_holdout(holdout, 30, seed=1)[0]) != keys(stopping)
+    small_stop, small_test = split_holdout(holdout.iloc[:9], 1024)
+    assert (len(small_stop), len(small_test)) == (4, 5)  # never more than half for stopping

@@ -11,7 +11,7 @@ import torch
 
 from qarm.data.prepare import prepare_dataset
 from qarm.data.synthetic import SyntheticConfig, generate
-from qarm.errors import ConfigError
+from qarm.errors import CheckpointMismatch, ConfigError
 from qarm.evaluate.metrics import evaluate_predictions
 from qarm.features import ExampleSource, ItemTables
 from qarm.models import build_model
@@ -103,6 +103,31 @@ def test_training_is_deterministic_by_seed(data, tables):
 
     assert np.array_equal(run(0), run(0))
     assert not np.array_equal(run(0), run(1))
+
+
+def test_training_runs_in_deterministic_mode_and_restores_the_callers(data, tables):
+    """Several torch threads add floats in timing-dependent order unless deterministic algorithms are
+    on (qarm.determinism): the trainer turns them on for its loop only."""
+    source, _ = data
+    seen = []
+    assert not torch.are_deterministic_algorithms_enabled()
+    train(build_model("qarm", source.spec, tables, {"vector": "pretrained"}), source,
+          TrainConfig(max_steps=2, batch_size=256), progress=False,
+          on_step=lambda *args: seen.append(torch.are_deterministic_algorithms_enabled()))
+    assert seen == [True, True] and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_resume_refuses_a_checkpoint_built_on_other_item_tables(data, tables, tmp_path):
+    """The tables (codes, vectors) are not in a checkpoint; the identity records their digest."""
+    source, _ = data
+    config = TrainConfig(max_steps=2, batch_size=256)
+    train(build_model("qarm", source.spec, tables, {"vector": "pretrained"}), source, config, tmp_path,
+          progress=False)
+    other = ItemTables(id_index=tables.id_index, vq=tables.vq[:, ::-1].copy(), rq=tables.rq, rq_sizes=tables.rq_sizes,
+                       vectors=tables.vectors)
+    with pytest.raises(CheckpointMismatch, match="different tables"):
+        train(build_model("qarm", source.spec, other, {"vector": "pretrained"}), source, config, tmp_path,
+              progress=False)
 
 
 def test_early_stopping_keeps_the_best_weights(data, tables, tmp_path):

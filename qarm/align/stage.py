@@ -9,13 +9,15 @@ Steps, each timed and recorded:
 3. **Alignment**: the content encoder (text + modality vectors) encodes every item (pre-trained), is
    fine-tuned with in-batch InfoNCE on the pairs, and encodes every item again (aligned)
    (:mod:`qarm.align.contrastive`).
-4. **Evaluation**: held-out pair Recall@10/@50 with pre-trained vs aligned vectors; on generated data
+4. **Evaluation**: held-out pair Recall@10/@50 with pre-trained vs aligned vectors, on the held-out
+   pairs that early stopping never saw (the hold-out is split: up to ``train.eval_pairs``, at most
+   half of it, drive early stopping, the rest are the test pairs); on generated data
    the rank correlation with the ground-truth business similarity; a t-SNE picture of both.
 
 Output folder::
 
     user2item/             the retrieval model (model.safetensors, config.json)
-    pairs.parquet          trigger, target, sources, scores, part ("train" / "holdout")
+    pairs.parquet          trigger, target, sources, scores, part ("train", "holdout_stopping", "holdout_test")
     vectors.safetensors    "pretrained" and "aligned", (n_items, out_dim) float32, row = item id
     encoder/ train/        the aligned encoder (for items added later) and the training checkpoints
     alignment.json         the trainer's record
@@ -95,26 +97,28 @@ def align_dataset(
 
     start = time.perf_counter()
     mined = mine_pairs(dataset, item_embeddings(model), config.pairs)
-    pairs = mined.pairs.copy()
-    holdout_keys = set(zip(mined.holdout["trigger"], mined.holdout["target"]))
-    pairs["part"] = ["holdout" if key in holdout_keys else "train"
-                     for key in zip(pairs["trigger"], pairs["target"])]
-    atomic_write_bytes(out_dir / PAIRS_FILE, _parquet_bytes(pairs))
-    seconds["pairs"] = time.perf_counter() - start
-    log(f"align: pairs {mined.counts}")
     if len(mined.train) == 0:
         from qarm.errors import DataError
 
         raise DataError(f"{dataset_dir}: no item2item pairs could be mined; lower pairs.min_similarity")
+    stopping, test = split_holdout(mined.holdout, config.train.eval_pairs, seed=config.train.seed)
+    pairs = mined.pairs.copy()
+    part = {key: "holdout_stopping" for key in zip(stopping["trigger"], stopping["target"])}
+    part.update({key: "holdout_test" for key in zip(test["trigger"], test["target"])})
+    pairs["part"] = [part.get(key, "train") for key in zip(pairs["trigger"], pairs["target"])]
+    atomic_write_bytes(out_dir / PAIRS_FILE, _parquet_bytes(pairs))
+    seconds["pairs"] = time.perf_counter() - start
+    counts = {**mined.counts, "holdout_stopping": len(stopping), "holdout_test": len(test)}
+    log(f"align: pairs {counts}")
 
     start = time.perf_counter()
-    result = run_alignment(dataset, mined.train, mined.holdout, out_dir, encoder_config=config.encoder,
+    result = run_alignment(dataset, mined.train, stopping, out_dir, encoder_config=config.encoder,
                            config=config.train, cache_dir=out_dir / "cache", resume=resume, progress=progress)
     seconds.update({f"align_{k}": v for k, v in result.timings.items()})
     seconds["alignment"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    evaluation = evaluate_vectors(dataset, result.pretrained, result.aligned, mined.holdout, out_dir,
+    evaluation = evaluate_vectors(dataset, result.pretrained, result.aligned, test, out_dir,
                                   tsne_sample=config.tsne_sample)
     seconds["evaluate"] = time.perf_counter() - start
     seconds["total"] = sum(v for k, v in seconds.items() if not k.startswith("align_"))
@@ -127,7 +131,7 @@ def align_dataset(
                     "items": dataset.n_items, "cold_items": int(dataset.items[S.COLD_START].sum())},
         "config": to_dict(config),
         "user2item": {"model": u2i_metrics, "popularity": popularity},
-        "pairs": {"counts": mined.counts, "seconds": mined.seconds},
+        "pairs": {"counts": counts, "seconds": mined.seconds},
         "training": result.history.to_dict(),
         "evaluation": evaluation,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
@@ -138,6 +142,16 @@ def align_dataset(
     log(f"align: done in {seconds['total']:.0f} s; held-out pair recall@10 {recall['pretrained']['recall@10']:.4f} "
         f"pre-trained -> {recall['aligned']['recall@10']:.4f} aligned")
     return report
+
+
+def split_holdout(holdout, eval_pairs: int, *, seed: int = 0):
+    """(stopping, test): a seeded sample of ``min(eval_pairs, len // 2)`` held-out pairs for early
+    stopping, and the rest, which only the final evaluation reads."""
+    n_stop = min(int(eval_pairs), len(holdout) // 2)
+    order = np.random.default_rng([seed, 2]).permutation(len(holdout))
+    stopping = holdout.iloc[np.sort(order[:n_stop])].reset_index(drop=True)
+    test = holdout.iloc[np.sort(order[n_stop:])].reset_index(drop=True)
+    return stopping, test
 
 
 def evaluate_vectors(dataset, pretrained: np.ndarray, aligned: np.ndarray, holdout, out_dir: Path, *,
@@ -183,6 +197,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| measure | pre-trained | aligned |", "|---|---:|---:|",
         f"| held-out pair Recall@10 | {pr['pretrained']['recall@10']:.4f} | {pr['aligned']['recall@10']:.4f} |",
         f"| held-out pair Recall@50 | {pr['pretrained']['recall@50']:.4f} | {pr['aligned']['recall@50']:.4f} |",
+        f"| held-out pair MRR | {pr['pretrained']['mrr']:.4f} | {pr['aligned']['mrr']:.4f} |",
+        "", f"Held-out test pairs: {pr['aligned']['n_pairs']:,} (the pairs early stopping watched are not among "
+            "them); each target ranked among all items by cosine to its trigger.",
     ]
     if "business_rank_correlation" in ev:
         bc = ev["business_rank_correlation"]

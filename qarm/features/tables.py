@@ -18,6 +18,7 @@ Row ``i`` of every table belongs to item ``i`` (ids are dense, see :mod:`qarm.da
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -136,7 +137,23 @@ class ItemTables:
         return {"n_items": self.n_items, "n_vocab": self.n_vocab, "vq_k": self.vq_k, "rq_sizes": list(self.rq_sizes),
                 "vectors": {k: int(v.shape[1]) for k, v in self.vectors.items()}, "codes_version": self.codes_version,
                 "texts": None if self.texts is None else len(self.texts),
-                "modalities": {k: int(v.shape[1]) for k, v in self.modalities.items()}}
+                "modalities": {k: int(v.shape[1]) for k, v in self.modalities.items()}, "digest": self.digest()}
+
+    def digest(self) -> str:
+        """SHA-256 (16 hex digits) of the vocabulary, the codes and the frozen vectors: two runs that read
+        other codes or vectors (a re-quantised or re-aligned catalogue) never pass for each other. Texts
+        and modality vectors are the dataset's own content and are left out (tables with and without
+        them, built for different models of one ablation, have one digest)."""
+        h = hashlib.sha256()
+        arrays = {"id_index": self.id_index, "vq": self.vq, "rq": self.rq,
+                  **{f"vectors/{k}": v for k, v in sorted(self.vectors.items())}}
+        for name, value in arrays.items():
+            if value is not None:
+                value = np.ascontiguousarray(value)
+                h.update(f"{name}:{value.dtype}:{value.shape};".encode())
+                h.update(value.data)
+        h.update(json.dumps(list(self.rq_sizes)).encode())
+        return h.hexdigest()[:16]
 
 
 def _read_codes(folder: Path, n_items: int) -> tuple[np.ndarray, np.ndarray, tuple[int, ...], str | None]:

@@ -16,8 +16,9 @@ QARM's tables, reproduced on any prepared dataset with its codes and vectors:
 
 Every (variant, seed) is one :func:`~qarm.train.stage.train_ranking` run in
 ``out/runs/<variant key>/seed<s>/``; variants with the same model config (``K`` = all stored codes is
-``+ VQ & RQ``) share their runs. A finished run (its ``report.json`` written with the same config) is
-read back instead of retrained, so an interrupted ablation resumes where it stopped. ``workers > 1``
+``+ VQ & RQ``) share their runs. A finished run (its ``report.json`` written with the same config, on
+the same examples and item tables: a re-aligned or re-quantised catalogue retrains) is read back
+instead of retrained, so an interrupted ablation resumes where it stopped. ``workers > 1``
 trains that many runs at once in separate processes (one torch thread each), which on a small CPU
 machine is faster than one run on all cores.
 
@@ -48,7 +49,7 @@ import numpy as np
 from qarm import __version__
 from qarm.config import from_dict, to_dict
 from qarm.data.io import atomic_write_bytes, write_json
-from qarm.errors import ConfigError
+from qarm.errors import CheckpointMismatch, ConfigError
 from qarm.evaluate.metrics import COLD_START, OVERALL
 from qarm.evaluate.report import aggregate_seeds, render_markdown
 from qarm.features.examples import ExampleSource
@@ -203,7 +204,8 @@ def run_key(model: str, model_config: dict[str, Any]) -> str:
 
 def run_ablation(dataset_dir: str | Path, out_dir: str | Path, config: AblationConfig | None = None, *,
                  quantize_dir: str | Path | None = None, align_dir: str | Path | None = None,
-                 progress: bool = False, log: Log | None = None, report_name: str = ABLATION_FILE) -> dict[str, Any]:
+                 progress: bool = False, log: Log | None = None, report_name: str = ABLATION_FILE,
+                 fresh: bool = False) -> dict[str, Any]:
     """Train every variant with every seed, aggregate, and write ``ablation.json`` / ``ablation.md``
     (``<report_name>.json`` / ``.md``).
 
@@ -215,6 +217,7 @@ def run_ablation(dataset_dir: str | Path, out_dir: str | Path, config: AblationC
     quantize_dir, align_dir : the codes and the frozen vectors (``pretrained``, ``aligned``) of the items;
         Table 1's rows past ID-only need ``align_dir``, those with codes ``quantize_dir``.
     progress, log : per-run progress bar (single worker only) and one line per finished run
+    fresh : retrain every run from scratch (finished runs and checkpoints in ``out_dir`` are ignored)
 
     Returns
     -------
@@ -241,8 +244,9 @@ def run_ablation(dataset_dir: str | Path, out_dir: str | Path, config: AblationC
 
     reports: dict[tuple[str, int], dict[str, Any]] = {}
     todo = []
+    inputs = {"data": source.describe(), "tables": tables.digest()}
     for job_id, job in jobs.items():
-        done = _finished(job["dir"], job["config"])
+        done = None if fresh else _finished(job["dir"], job["config"], inputs)
         if done is not None:
             reports[job_id] = done
         else:
@@ -252,15 +256,16 @@ def run_ablation(dataset_dir: str | Path, out_dir: str | Path, config: AblationC
     if config.workers == 1 or len(todo) <= 1:
         for job_id in todo:
             job = jobs[job_id]
-            reports[job_id] = train_ranking(None, job["dir"], job["config"], source=source, tables=tables,
-                                            progress=progress, log=None)
+            reports[job_id] = _train_job(lambda resume, job=job: train_ranking(
+                None, job["dir"], job["config"], source=source, tables=tables, resume=resume, progress=progress,
+                log=None), fresh, say)
             say(_run_line(job_id, reports[job_id]))
     else:
         del source, tables  # each worker reads its own (a few seconds), the parent holds nothing big
         with ProcessPoolExecutor(max_workers=config.workers, mp_context=get_context("spawn")) as pool:
             futures = {pool.submit(_train_in_worker, str(dataset_dir), quantize_dir and str(quantize_dir),
                                    align_dir and str(align_dir), to_dict(jobs[job_id]["config"]),
-                                   str(jobs[job_id]["dir"])): job_id for job_id in todo}
+                                   str(jobs[job_id]["dir"]), fresh): job_id for job_id in todo}
             for future in as_completed(futures):
                 job_id = futures[future]
                 reports[job_id] = future.result()
@@ -273,21 +278,38 @@ def run_ablation(dataset_dir: str | Path, out_dir: str | Path, config: AblationC
     return result
 
 
+def _train_job(fit: Callable[[bool], dict[str, Any]], fresh: bool, say: Log) -> dict[str, Any]:
+    """``fit(resume)``, resuming an interrupted run; a checkpoint of another run (other inputs: the
+    catalogue was re-aligned or re-quantised) is replaced by a fresh start."""
+    if fresh:
+        return fit(False)
+    try:
+        return fit(True)
+    except CheckpointMismatch as exc:
+        say(f"  {exc}: starting that run over")
+        return fit(False)
+
+
 def _train_in_worker(dataset_dir: str, quantize_dir: str | None, align_dir: str | None, ranking: dict[str, Any],
-                     run_dir: str) -> dict[str, Any]:
+                     run_dir: str, fresh: bool = False) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
     config = RankingConfig.from_dict(ranking)
-    return train_ranking(dataset_dir, run_dir, config, quantize_dir=quantize_dir, align_dir=align_dir)
+    return _train_job(lambda resume: train_ranking(dataset_dir, run_dir, config, quantize_dir=quantize_dir,
+                                                   align_dir=align_dir, resume=resume), fresh, print)
 
 
-def _finished(run_dir: Path, config: RankingConfig) -> dict[str, Any] | None:
+def _finished(run_dir: Path, config: RankingConfig, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's report when it was made with this config on these inputs (the same examples and the
+    same item tables: codes, vectors, vocabulary); None when it must be trained (again)."""
     path = run_dir / REPORT_FILE
     if not path.exists():
         return None
     report = json.loads(path.read_text(encoding="utf-8"))
-    return report if _plain(report.get("config")) == _plain(to_dict(config)) else None
+    same = _plain(report.get("config")) == _plain(to_dict(config)) and \
+        report.get("data") == inputs["data"] and (report.get("tables") or {}).get("digest") == inputs["tables"]
+    return report if same else None
 
 
 def _run_line(job_id: tuple[str, int], report: dict[str, Any]) -> str:

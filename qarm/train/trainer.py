@@ -32,6 +32,7 @@ Out folder::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -51,7 +52,8 @@ from torch import nn
 from qarm.config import from_dict, to_dict
 from qarm.data.io import atomic_write_bytes, write_json
 from qarm.encode._progress import progress_bar
-from qarm.errors import ConfigError, QarmError
+from qarm.determinism import deterministic
+from qarm.errors import CheckpointMismatch, ConfigError, QarmError
 from qarm.evaluate import metrics as M
 from qarm.features.batch import RankingBatch
 from qarm.features.examples import ExampleSource
@@ -238,7 +240,8 @@ def train(model: nn.Module, source: ExampleSource, config: TrainConfig | None = 
     config = config or TrainConfig()
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
-    return _Trainer(model, source, config, out_dir, progress, log, on_step).run(resume)
+    with deterministic():  # repeatable on several threads, and faster here (qarm.determinism)
+        return _Trainer(model, source, config, out_dir, progress, log, on_step).run(resume)
 
 
 class _Trainer:
@@ -267,6 +270,7 @@ class _Trainer:
         self.loss_sum, self.loss_count = 0.0, 0  # since the last validation
         self.best_state: dict[str, torch.Tensor] | None = None
         self._epoch_rows: tuple[int, np.ndarray] | None = None
+        self.tables_digest = _lookup_digest(self.module)
 
     # -- data ----------------------------------------------------------------------------------------
 
@@ -343,7 +347,7 @@ class _Trainer:
         settings = {k: v for k, v in to_dict(self.config).items() if k not in _RESUMABLE}
         shapes = {k: list(v.shape) for k, v in self.module.state_dict().items()}
         return {"train": settings, "model": describe_model(self.module), "shapes": shapes,
-                "data": self.source.describe(), "world_size": self.world}
+                "data": self.source.describe(), "tables": self.tables_digest, "world_size": self.world}
 
     def save_checkpoint(self) -> None:
         if self.out_dir is None or self.rank != 0:
@@ -378,7 +382,7 @@ class _Trainer:
         mine, theirs = self.identity(), state.get("identity", {})
         if mine != theirs:
             differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            raise ConfigError(f"{path} was written by another run (different {', '.join(differing)}); "
+            raise CheckpointMismatch(f"{path} was written by another run (different {', '.join(differing)}); "
                               "pass resume=False to start over or use another out_dir")
         self.module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
@@ -475,6 +479,21 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
             state = {k: f.get_tensor(k) for k in keys}
     _unwrap(model).load_state_dict(state)
     return model
+
+
+def _lookup_digest(module: nn.Module) -> str:
+    """SHA-256 (16 hex digits) of a model's non-persistent buffers: the item tables it looks up (codes,
+    frozen vectors, vocabulary). They are not in its checkpoints, so the identity records them: a
+    checkpoint of the same model built on other codes or vectors is not resumed."""
+    persistent = set(module.state_dict())
+    h = hashlib.sha256()
+    for name, buffer in sorted(module.named_buffers()):
+        if name in persistent or buffer is None:
+            continue
+        value = buffer.detach().cpu().contiguous()
+        h.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        h.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -179,10 +179,14 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
 
     The run's shortened align budget and 64-centroid RQ levels fit the embedded 5k-item synthetic
     default; any other dataset starts from the stages' library defaults (AlignStageConfig(),
-    QuantizeConfig(): the settings measured on MicroLens-50k)."""
+    QuantizeConfig(): the settings measured on MicroLens-50k). Naming ``rank.studies`` without
+    ``rank.rows`` trains every row of those studies (the run's three Table 1 rows are its default only)."""
     base = RunConfig()
     if data.get("dataset", base.dataset) != "synthetic":
         base.align, base.quantize = AlignStageConfig(), QuantizeConfig()
+    rank = data.get("rank") or {}
+    if "studies" in rank and "rows" not in rank:
+        base.rank.rows = None  # the run's three rows are its default only: asking for studies means all rows
     return from_dict(RunConfig, _merge(to_dict(base), data), where="run config")
 
 

@@ -134,7 +134,8 @@ def test_fgcnn_learns_a_planted_interaction():
 def test_registered_and_built_from_a_dict(source, tables):
     assert "fgcnn" in MODELS
     model = build_model("fgcnn", source.spec, tables, {"embedding_dim": 8, "head": "mmoe"})
-    assert model.fields.names == ("user", "item", "category", "age_bucket", "region", "history")
+    assert model.fields.names == ("user", "item", "category", "age_bucket", "region", "history",
+                                  "recent_1", "recent_2", "recent_3", "recent_4")
     batch = source.batch(source.order("train", shuffle=True)[:64])
     logits = model(batch)
     assert logits.shape == (64, len(source.tasks)) and torch.isfinite(logits).all()
@@ -170,8 +171,24 @@ def test_history_field_is_the_mean_of_the_history_id_embeddings(source, tables):
         for b in range(32):
             filled = batch.history[b][batch.history[b] >= 0]
             expected = item(filled).mean(0) if len(filled) else torch.zeros(8)
-            torch.testing.assert_close(fields[b, -1], expected)
+            torch.testing.assert_close(fields[b, model.fields.names.index("history")], expected)
+            for i in range(4):  # recent_1..4: the latest history items, zeros past the history's end
+                recent = fields[b, model.fields.names.index(f"recent_{i + 1}")]
+                torch.testing.assert_close(recent, item(filled[i:i + 1])[0] if i < len(filled) else torch.zeros(8))
         torch.testing.assert_close(fields[:, 1], item(batch.item))
+
+
+def test_recent_history_fields_make_fgcnn_work_without_side_features(source, tables):
+    """user, item, history mean: three fields, too few for two pooling blocks; the recent items fix that."""
+    from dataclasses import replace
+
+    bare = replace(source.spec, user_features=(), n_categories=0)
+    with pytest.raises(ConfigError, match="needs at least 4 fields.*the data gives 3 \\(user, item, history\\)"):
+        build_model("fgcnn", bare, tables, {"recent_history": 0})
+    model = build_model("fgcnn", bare, tables, {"recent_history": 2})
+    assert model.fields.names == ("user", "item", "history", "recent_1", "recent_2")
+    with pytest.raises(ConfigError, match="'recent_history' parameter of FGCNNConfig \\(60\\) exceeds"):
+        build_model("fgcnn", bare, tables, {"recent_history": 60})
 
 
 @pytest.mark.parametrize("separate", [True, False])
@@ -217,7 +234,8 @@ def test_bad_config_names_the_field(values, message):
 
 
 def test_too_few_fields_for_the_pooling(source, tables):
-    config = {"channels": (4, 4, 4), "kernel_heights": (3, 3, 3), "pooling": (2, 2, 2), "new_features": (1, 1, 1)}
+    config = {"channels": (4, 4, 4), "kernel_heights": (3, 3, 3), "pooling": (2, 2, 2), "new_features": (1, 1, 1),
+              "recent_history": 0}
     with pytest.raises(ConfigError, match=r"The 'pooling' parameter of FGCNNConfig, \(2, 2, 2\), needs at least 8 "
                                           r"fields .* the data gives 6 \(user, item, category, age_bucket, region, "
                                           r"history\)"):

@@ -20,7 +20,8 @@ Two entry points share one network (:class:`FGCNNNetwork`):
 * :class:`FGCNNRanker`: the ranking stage's model (``build_model("fgcnn", spec, tables, config)``),
   ``forward(batch: RankingBatch) -> logits (B, T)``, on the fields of a ranking example: user ID, target
   item ID (through the ID vocabulary: a cold item reads the OOV row), the target's category and the
-  user's side features when the dataset has them, and the mean of the history's item-ID embeddings.
+  user's side features when the dataset has them, the mean of the history's item-ID embeddings and the
+  ID embeddings of the latest ``recent_history`` history items.
 
 Multi-task: ``head="linear"`` (default) puts one linear output per task on the shared MLP, the IPNN
 output layer with T units; ``head="mmoe"`` puts an :class:`~qarm.models.layers.MMoE` there instead.
@@ -77,6 +78,9 @@ class FGCNNConfig:
     hidden: tuple[int, ...] = (256, 128)  # the IPNN MLP, narrow: with the recombination, most of a CPU step
     dropout: float = 0.0  # in the MLP; the examples are many and the model small
     separate_embeddings: bool = True  # the paper's default: own tables for the generation part
+    recent_history: int = 4  # ranking model only: the latest n history items as fields of their own
+    # ^ beside the history mean; without them a dataset with no side features (MicroLens: user, item,
+    #   history) has 3 fields, too few for two pooling blocks, and the order of the history is lost
     head: Literal["linear", "mmoe"] = "linear"  # one linear output per task on the shared MLP, or an MMoE
     mmoe: MMoEConfig = field(default_factory=MMoEConfig)  # used when head="mmoe"
 
@@ -93,6 +97,7 @@ class FGCNNConfig:
                                   f"(len(channels) = {n_blocks}). Got {value!r} instead.")
         check_float(name, "dropout", self.dropout, 0.0, 0.99)
         check_bool(name, "separate_embeddings", self.separate_embeddings)
+        check_int(name, "recent_history", self.recent_history, 0)
         check_option(name, "head", self.head, HEADS)
 
     def check_fields(self, n_fields: int, names: Sequence[str] | None = None) -> None:
@@ -258,19 +263,26 @@ class RankingFields(nn.Module):
     """The fields of a ranking example, one k-vector each: ``forward(batch) -> (B, F, k)``.
 
     Fields, in :attr:`names` order: ``user`` (ID), ``item`` (ID through the vocabulary, row 0 = OOV for cold
-    items), ``category`` (when the dataset has one), each user side feature, and ``history``: the mean
-    of the history items' ID embeddings (zeros for an empty history).
+    items), ``category`` (when the dataset has one), each user side feature, ``history``: the mean
+    of the history items' ID embeddings (zeros for an empty history), and ``recent_1`` .. ``recent_n``:
+    the ID embeddings of the latest ``recent`` history items, most recent first (zeros where the
+    history is shorter).
     """
 
-    def __init__(self, spec: FeatureSpec, tables: ItemTables, dim: int) -> None:
+    def __init__(self, spec: FeatureSpec, tables: ItemTables, dim: int, recent: int = 0) -> None:
         super().__init__()
         self.user = embedding_table(spec.n_users, dim)
         self.item = IdEmbedding(tables.id_index, dim)
         self.category = embedding_table(spec.n_categories, dim) if spec.n_categories else None
         self.user_side = CategoricalEmbeddings([s for _, s in spec.user_features], dim) \
             if spec.user_features else None
+        if recent > spec.history_length:
+            raise ConfigError(f"The 'recent_history' parameter of FGCNNConfig ({recent}) exceeds the history "
+                              f"length of the examples ({spec.history_length}).")
+        self.recent = recent
         self.names = ("user", "item", *(("category",) if self.category is not None else ()),
-                      *(name for name, _ in spec.user_features), "history")
+                      *(name for name, _ in spec.user_features), "history",
+                      *(f"recent_{i + 1}" for i in range(recent)))
         self.dim = dim
 
     def forward(self, batch: RankingBatch) -> torch.Tensor:
@@ -286,6 +298,9 @@ class RankingFields(nn.Module):
         rows = self.item.index[batch.history.clamp(min=0)]  # vocabulary rows; padding reads row 0 at weight 0
         parts.append(F.embedding_bag(rows, self.item.table.weight, mode="sum",
                                      per_sample_weights=weights.to(self.item.table.weight.dtype)))
+        if self.recent:
+            recent = self.item.table(rows[:, :self.recent]) * mask[:, :self.recent, None]  # (B, n, k), 0 if empty
+            parts.extend(recent.unbind(1))
         return torch.stack(parts, dim=1)
 
 
@@ -303,8 +318,9 @@ class FGCNNRanker(nn.Module):
         super().__init__()
         self.config = c = config or FGCNNConfig()
         self.tasks = spec.tasks
-        self.fields = RankingFields(spec, tables, c.embedding_dim)
-        self.generation_fields = RankingFields(spec, tables, c.embedding_dim) if c.separate_embeddings else None
+        self.fields = RankingFields(spec, tables, c.embedding_dim, c.recent_history)
+        self.generation_fields = RankingFields(spec, tables, c.embedding_dim, c.recent_history) \
+            if c.separate_embeddings else None
         self.network = FGCNNNetwork(len(self.fields.names), len(spec.tasks), c, self.fields.names)
 
     def forward(self, batch: RankingBatch) -> torch.Tensor:

@@ -134,15 +134,6 @@ def same_topic_pairs(topic: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pairs.drop(holdout.index).reset_index(drop=True), holdout.reset_index(drop=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny batches: one thread is faster than two, and far faster on a shared, busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def text_model():
     return load_text_model()

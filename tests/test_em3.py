@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from qarm.data.prepare import prepare_dataset
 from qarm.data.synthetic import SyntheticConfig, generate
@@ -22,14 +21,6 @@ from qarm.models import build_model, model_config
 from qarm.models.em3 import EM3Config, cic_loss
 from qarm.train import TrainConfig, predict, train
 from qarm.train.trainer import loss_fn
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -43,15 +43,6 @@ def tiny_dataset(per_topic: int = 4, *, vectors: bool = True, seed: int = 0) -> 
                    item_vectors=item_vectors)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny batches: one thread is faster than two, and far faster on a shared, busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def text_model():
     return load_text_model()

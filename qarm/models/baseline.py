@@ -25,7 +25,7 @@ from qarm.features.batch import RankingBatch
 from qarm.features.examples import FeatureSpec
 from qarm.features.tables import ItemTables
 from qarm.models.layers import (CategoricalEmbeddings, FrozenVector, IdEmbedding, MMoE, MMoEConfig,
-                                TargetAttention, embed_unique, embedding_table, pack)
+                                TargetAttention, embed_unique, embedding_table, pack, required)
 from qarm.quantize._common import check_bool, check_int
 
 
@@ -97,13 +97,8 @@ class BaselineRanker(nn.Module):
         interest = self.interest(target, history, row)  # (B, D)
         parts = [target, interest, self.user_id(batch.user)]
         if self.user_side is not None:
-            parts.append(self.user_side(_required(batch.user_features, "user_features")))
+            parts.append(self.user_side(required(batch.user_features, "user_features")))
         if self.category is not None:
-            parts.append(self.category(_required(batch.category, "category")))
+            parts.append(self.category(required(batch.category, "category")))
         return self.head(torch.cat(parts, dim=-1))
 
-
-def _required(value: torch.Tensor | None, name: str) -> torch.Tensor:
-    if value is None:
-        raise ConfigError(f"the model was built with {name} but the batch has none")
-    return value

@@ -53,7 +53,7 @@ from qarm.features.batch import RankingBatch
 from qarm.features.examples import FeatureSpec
 from qarm.features.tables import OOV, ItemTables
 from qarm.models.layers import (CategoricalEmbeddings, IdEmbedding, MMoE, MMoEConfig, TargetAttention, embed_unique,
-                                embedding_table, pack)
+                                embedding_table, pack, required)
 from qarm.quantize._common import check_bool, check_float, check_int, check_option
 
 # LoRA targets by short name -> the linear layer inside a BERT layer (MiniLM is a BERT).
@@ -361,13 +361,8 @@ class EM3Ranker(nn.Module):
                     self._cic = cic_loss(content[warm], self.item_id(unique[warm]), c.cic_temperature)
         parts = [target, self.interest(target, history, row), self.user_id(batch.user)]
         if self.user_side is not None:
-            parts.append(self.user_side(_required(batch.user_features, "user_features")))
+            parts.append(self.user_side(required(batch.user_features, "user_features")))
         if self.category is not None:
-            parts.append(self.category(_required(batch.category, "category")))
+            parts.append(self.category(required(batch.category, "category")))
         return self.head(torch.cat(parts, dim=-1))
 
-
-def _required(value: torch.Tensor | None, name: str) -> torch.Tensor:
-    if value is None:
-        raise ConfigError(f"the model was built with {name} but the batch has none")
-    return value

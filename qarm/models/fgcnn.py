@@ -54,7 +54,7 @@ from qarm.features.batch import RankingBatch
 from qarm.features.examples import FeatureSpec
 from qarm.features.tables import ItemTables
 from qarm.models.layers import (MLP, CategoricalEmbeddings, IdEmbedding, MMoE, MMoEConfig, PairwiseInnerProducts,
-                                embedding_table)
+                                embedding_table, required)
 from qarm.quantize._common import check_bool, check_float, check_int, check_option
 
 HEADS = ("linear", "mmoe")
@@ -289,9 +289,9 @@ class RankingFields(nn.Module):
         b = len(batch)
         parts = [self.user(batch.user), self.item(batch.item)]
         if self.category is not None:
-            parts.append(self.category(_required(batch.category, "category")))
+            parts.append(self.category(required(batch.category, "category")))
         if self.user_side is not None:
-            parts.extend(self.user_side(_required(batch.user_features, "user_features")).view(b, -1, self.dim)
+            parts.extend(self.user_side(required(batch.user_features, "user_features")).view(b, -1, self.dim)
                          .unbind(1))
         mask = batch.history_mask  # (B, n)
         weights = mask / batch.history_len.clamp(min=1).unsqueeze(1)  # 1/len on filled slots, 0 on padding
@@ -342,8 +342,3 @@ def _check_sizes(owner: str, param: str, value: object) -> None:
     for size in value:
         check_int(owner, param, size, 1)
 
-
-def _required(value: torch.Tensor | None, name: str) -> torch.Tensor:
-    if value is None:
-        raise ConfigError(f"the model was built with {name} but the batch has none")
-    return value

@@ -426,3 +426,10 @@ def embed_unique(embed: Callable[[torch.Tensor], torch.Tensor], *ids: torch.Tens
         out.append(vectors[begin:begin + t.numel()].view(*t.shape, vectors.shape[-1]))
         begin += t.numel()
     return out
+
+
+def required(value: torch.Tensor | None, name: str) -> torch.Tensor:
+    """``value``, or a ConfigError when a model built with feature ``name`` gets a batch without it."""
+    if value is None:
+        raise ConfigError(f"the model was built with {name} but the batch has none")
+    return value

@@ -38,7 +38,7 @@ from qarm.features.examples import FeatureSpec
 from qarm.features.tables import ItemTables
 from qarm.models.layers import (CategoricalEmbeddings, CodeMatchingSequences, FrozenVector, IdEmbedding, MMoE,
                                 MMoEConfig, RQEmbedding, TargetAttention, VQEmbedding, embed_unique,
-                                embedding_table, pack)
+                                embedding_table, pack, required)
 from qarm.quantize._common import check_bool, check_int, check_option
 
 VECTORS = ("none", "pretrained", "aligned")
@@ -132,9 +132,9 @@ class QARMRanker(nn.Module):
             parts.append(matched.flatten(1))
         parts.append(self.user_id(batch.user))
         if self.user_side is not None:
-            parts.append(self.user_side(_required(batch.user_features, "user_features")))
+            parts.append(self.user_side(required(batch.user_features, "user_features")))
         if self.category is not None:
-            parts.append(self.category(_required(batch.category, "category")))
+            parts.append(self.category(required(batch.category, "category")))
         return self.head(torch.cat(parts, dim=-1))
 
 
@@ -149,8 +149,3 @@ def _check_tables(c: QARMConfig, tables: ItemTables) -> None:
     if c.vq_k is not None and c.use_vq and c.vq_k > tables.vq_k:
         raise ConfigError(f"vq_k={c.vq_k} but the quantize folder stores K={tables.vq_k} codes per item")
 
-
-def _required(value: torch.Tensor | None, name: str) -> torch.Tensor:
-    if value is None:
-        raise ConfigError(f"the model was built with {name} but the batch has none")
-    return value

@@ -85,6 +85,10 @@ def test_run_aggregates_seeds_and_resumes(folders, tmp_path):
     assert qarm["metrics"]["click"]["overall"]["gauc"] == pytest.approx(np.mean(per_seed))
     assert qarm["metrics"]["click"]["overall"]["gauc_std"] == pytest.approx(np.std(per_seed, ddof=1))
     assert qarm["epochs_trained"] > 0 and qarm["train_seconds"] > 0
+    # training time is the runs' optimiser time (summed over resumptions), not the wall time of the call
+    histories = [json.loads((tmp_path / "runs" / qarm["run_key"] / f"seed{s}" / "report.json").read_text())["history"]
+                 for s in (0, 1)]
+    assert qarm["train_seconds"] == pytest.approx(np.mean([h["train_seconds"] for h in histories]))
     saved = json.loads((tmp_path / "ablation.json").read_text())
     assert saved["config"]["seeds"] == [0, 1] and saved["tables"]["vq_k"] == 6
     md = (tmp_path / "ablation.md").read_text()

@@ -371,7 +371,8 @@ def render_ablation(result: dict[str, Any]) -> str:
     lines = [f"# {title} on {data.get('dataset', '?')}", "",
              f"{data.get('train_rows', '?'):,} training rows, tasks {result['tasks']}, evaluated on the "
              f"{result['eval_split']} split; seeds {seeds} (mean ± std, sample std); machine "
-             f"{result['machine']['platform']}, {result['machine']['cpus']} CPUs; total {result['seconds']:.0f} s.",
+             f"{result['machine']['platform']}, {result['machine']['cpus']} CPUs; this call took "
+             f"{result['seconds']:.0f} s (runs read back from an earlier call are not timed again).",
              ""]
     studies = result["config"]["studies"]
     if "leaderboard" in studies:

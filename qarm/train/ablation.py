@@ -350,7 +350,7 @@ def _assemble(config: AblationConfig, variants: dict[str, tuple[str, dict[str, A
 def _train_seconds(report: dict[str, Any]) -> float:
     """Training time of a run: the optimiser steps' time summed over every resumption (validations and
     checkpoints excluded), the same clock as its examples/s."""
-    return float(report["history"].get("train_seconds") or report["seconds"]["train"])
+    return float(report["history"]["train_seconds"])
 
 
 def _epochs(report: dict[str, Any]) -> float:

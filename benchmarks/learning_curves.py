@@ -3,8 +3,8 @@
     python benchmarks/learning_curves.py runs/ml50k/rank                       # after `qarm leaderboard`
     python benchmarks/learning_curves.py runs/mls/rank --rows "EM3,QARM VQ & RQ" --out docs/img/curves_mls.png
 
-Reads ``leaderboard.json`` (or ``ablation.json``) in the folder and every run's ``train/state.json``
-(its validation history), trains nothing. A validation's training time is approximated as
+Reads ``leaderboard.json`` (or ``ablation.json``) in the folder and every run's ``report.json`` (its
+validation history, the one the tables' training seconds come from), trains nothing. A validation's training time is approximated as
 ``step x (the run's training seconds / its steps)``: the trainer records the step of each validation and
 the run's total optimiser time, not the clock at each validation, and a run's step time is steady. Writes a
 PNG (validation metric against training seconds, log scale, one line a seed) and prints a Markdown table:
@@ -24,6 +24,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from qarm.train.ablation import run_dir
+from qarm.train.stage import REPORT_FILE
+
 DEFAULT_ROWS = ("EM3", "QARM VQ & RQ", "Baseline", "DIN (ID-only)")
 
 
@@ -41,10 +44,10 @@ def curves(folder: Path, rows: list[str]) -> dict[str, dict[int, list[tuple[floa
     for row in rows:
         variant = variants[row]
         for seed in variant["seeds"]:
-            state_path = folder / "runs" / variant["run_key"] / f"seed{seed}" / "train" / "state.json"
-            if not state_path.exists():
-                raise SystemExit(f"{state_path}: missing (the run's checkpoint state)")
-            history = json.loads(state_path.read_text(encoding="utf-8"))["history"]
+            report = run_dir(folder, variant["run_key"], seed) / REPORT_FILE
+            if not report.exists():
+                raise SystemExit(f"{report}: missing (the run's report)")
+            history = json.loads(report.read_text(encoding="utf-8"))["history"]
             per_step = history["train_seconds"] / max(history["steps"], 1)
             out.setdefault(row, {})[seed] = [(e["step"] * per_step, e["metric"]) for e in history["evals"]]
     return out

@@ -26,11 +26,11 @@ def _folder(tmp_path: Path) -> Path:
                  ("qarm-y", 0): (30, 60.0, [(10, 0.80), (20, 0.82), (30, 0.81)]),
                  ("qarm-y", 1): (20, 50.0, [(10, 0.79), (20, 0.83)])}
     for (key, seed), (steps, seconds, evals) in histories.items():
-        train = tmp_path / "runs" / key / f"seed{seed}" / "train"
-        train.mkdir(parents=True)
+        run = tmp_path / "runs" / key / f"seed{seed}"
+        run.mkdir(parents=True)
         history = {"steps": steps, "train_seconds": seconds,
                    "evals": [{"step": s, "metric": m} for s, m in evals]}
-        (train / "state.json").write_text(json.dumps({"history": history}))
+        (run / "report.json").write_text(json.dumps({"history": history}))
     return tmp_path
 
 

@@ -240,7 +240,7 @@ def run_ablation(dataset_dir: str | Path, out_dir: str | Path, config: AblationC
             train = config.train_config(model, seed)
             ranking = RankingConfig(model=model, model_config=model_config, history_length=config.history_length,
                                     train=train, eval_split=config.eval_split)
-            jobs[(key, seed)] = {"config": ranking, "dir": out / "runs" / key / f"seed{seed}"}
+            jobs[(key, seed)] = {"config": ranking, "dir": run_dir(out, key, seed)}
     say(f"ablation: {len(variants)} variants, {len({k for k, _ in jobs})} distinct models x {len(config.seeds)} "
         f"seeds = {len(jobs)} runs, {config.workers} at a time")
 
@@ -278,6 +278,11 @@ def run_ablation(dataset_dir: str | Path, out_dir: str | Path, config: AblationC
     write_json(out / f"{report_name}.json", result)
     atomic_write_bytes(out / f"{report_name}.md", render_ablation(result).encode("utf-8"))
     return result
+
+
+def run_dir(out: Path, key: str, seed: int) -> Path:
+    """Where an ablation or leaderboard in ``out`` keeps the run ``key`` (a variant's ``run_key``) of ``seed``."""
+    return Path(out) / "runs" / key / f"seed{seed}"
 
 
 def _train_job(fit: Callable[[bool], dict[str, Any]], fresh: bool, say: Log) -> dict[str, Any]:

@@ -145,8 +145,9 @@ def data_prepare(
     set_: SetOption = None,
 ) -> None:
     """Load a dataset from its original files, split it, sample negatives, and write a dataset folder."""
-    from qarm.data.describe import describe_dataset, render_markdown
+    from qarm.data.describe import render_markdown
     from qarm.data.prepare import PrepareConfig, prepare
+    from qarm.evaluate.leakage import describe_with_probe
 
     try:
         loader, prepare_dict = parse_overrides(config, set_)
@@ -157,7 +158,7 @@ def data_prepare(
     except QarmError as exc:
         _fail(exc)
     console.print(f"wrote {path} (" + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) + ")")
-    Console().print(Markdown(render_markdown(describe_dataset(ds))))
+    Console().print(Markdown(render_markdown(describe_with_probe(ds))))
 
 
 @data_app.command("describe")
@@ -166,11 +167,12 @@ def data_describe(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Users, items, interactions, density, label rates, sequence lengths, modality dims, splits."""
-    from qarm.data.describe import describe_dataset, render_markdown
+    from qarm.data.describe import render_markdown
     from qarm.data.io import load_dataset
+    from qarm.evaluate.leakage import describe_with_probe
 
     try:
-        stats = describe_dataset(load_dataset(path))
+        stats = describe_with_probe(load_dataset(path))
     except QarmError as exc:
         _fail(exc)
     _show(stats, as_json, render_markdown)

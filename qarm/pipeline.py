@@ -34,9 +34,10 @@ from qarm.align.stage import AlignStageConfig, align_dataset, read_aligned_vecto
 from qarm.align.user2item import User2ItemConfig
 from qarm.config import from_dict, to_dict
 from qarm.data import schema as S
-from qarm.data.describe import describe_dataset, render_markdown
+from qarm.data.describe import render_markdown
 from qarm.data.io import atomic_write_bytes, load_dataset, write_json
 from qarm.data.prepare import PrepareConfig, prepare
+from qarm.evaluate.leakage import describe_with_probe
 from qarm.quantize.api import QuantizeConfig, RQConfig, quantize_items
 from qarm.train.ablation import ABLATION_FILE, AblationConfig, render_ablation, run_ablation
 from qarm.train.trainer import TrainConfig
@@ -118,7 +119,9 @@ def run_pipeline(config: RunConfig, out: str | Path, *, fresh: bool = False, log
 
     start = time.perf_counter()
     dataset = load_dataset(data_dir)
-    stats = describe_dataset(dataset)
+    stats = describe_with_probe(dataset)
+    for warning in stats.get("leakage_probe", {}).get("warnings", []):
+        log(f"WARNING {warning}")
     stages.seconds["describe"] = time.perf_counter() - start
     stages.state["describe"] = "ran"
     log(f"describe: {stats['users']:,} users, {stats['items']:,} items, {stats['interactions']:,} interactions")

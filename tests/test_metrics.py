@@ -186,7 +186,7 @@ def test_evaluate_predictions_selects_segments_hand_case() -> None:
     report = evaluate_predictions(frame, ["click", "like"])
     assert list(report) == ["click", "like"]
     click = report["click"]
-    assert list(click) == ["overall", "cold_start", "L1", "L2", "L3", "L4", "L5", "L6"]
+    assert list(click) == ["overall", "warm", "cold_start", "L1", "L2", "L3", "L4", "L5", "L6"]
     y, p = frame["label_click"].to_numpy(), frame["score_click"].to_numpy()
     assert click["overall"]["auc"] == pytest.approx(roc_auc_score(y, p))
     assert click["overall"]["logloss"] == pytest.approx(log_loss(y, p))
@@ -194,7 +194,17 @@ def test_evaluate_predictions_selects_segments_hand_case() -> None:
     # user 0 has both classes there (AUC 1), user 1 only a negative.
     assert click["cold_start"] == pytest.approx({
         "auc": 1.0, "uauc": 1.0, "gauc": 1.0, "logloss": log_loss([1, 0, 0], [0.9, 0.2, 0.4]),
+        "constant_logloss": log_loss([1, 0, 0], [1 / 3] * 3),
         "n": 3, "n_pos": 1, "n_users": 2, "users_with_both_classes": 1})
+    # warm rows 2..6: labels 1 0 0 1 0 at 0.6 0.7 0.1 0.8 0.3. Pairs: 0.6 beats 0.1 and 0.3, loses to 0.7;
+    # 0.8 beats all three -> AUC 5/6. User 0 (rows 2, 3): 0.6 < 0.7 -> 0; user 1 (rows 4, 5, 6): 1.
+    # GAUC weights users by rows: (2 * 0 + 3 * 1) / 5 = 0.6; UAUC (0 + 1) / 2. Constant: rate 2/5.
+    assert click["warm"] == pytest.approx({
+        "auc": 5 / 6, "uauc": 0.5, "gauc": 0.6, "logloss": log_loss([1, 0, 0, 1, 0], [0.6, 0.7, 0.1, 0.8, 0.3]),
+        "constant_logloss": -(0.4 * math.log(0.4) + 0.6 * math.log(0.6)),
+        "n": 5, "n_pos": 2, "n_users": 2, "users_with_both_classes": 2})
+    assert click["warm"]["gauc"] == pytest.approx(
+        gauc(y[[2, 3, 4, 5, 6]], p[[2, 3, 4, 5, 6]], frame["user_id"].to_numpy()[[2, 3, 4, 5, 6]]))
     # L1 rows 2, 3, 4: positive 0.6 vs negatives 0.7 (0) and 0.1 (1) -> AUC 1/2; per user only user 0
     # (0.6 < 0.7) -> 0
     assert click["L1"]["auc"] == 0.5 and click["L1"]["uauc"] == 0.0 and click["L1"]["gauc"] == 0.0
@@ -216,7 +226,7 @@ def test_evaluate_predictions_selects_segments_hand_case() -> None:
 def test_evaluate_predictions_other_number_of_groups_and_int_cold_flags() -> None:
     frame = hand_frame().assign(cold_item=lambda f: f["cold_item"].astype(int))
     report = evaluate_predictions(frame, ["click"], n_longtail_groups=2)
-    assert list(report["click"]) == ["overall", "cold_start", "L1", "L2"]
+    assert list(report["click"]) == ["overall", "warm", "cold_start", "L1", "L2"]
     assert report["click"]["cold_start"]["n"] == 3
 
 

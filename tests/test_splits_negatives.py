@@ -8,7 +8,13 @@ import pytest
 
 from qarm.data import schema as S
 from qarm.data.build import assemble
-from qarm.data.negatives import NegativeConfig, add_sampled_negatives, sample_excluding
+from qarm.data.negatives import (
+    NegativeConfig,
+    add_sampled_negatives,
+    sample_excluding,
+    sampling_weights,
+    training_counts,
+)
 from qarm.data.prepare import PrepareConfig, prepare_dataset
 from qarm.data.schema import DatasetMeta
 from qarm.data.splits import SplitConfig, leave_last_out, longtail_groups, split_dataset, time_split
@@ -95,8 +101,15 @@ def test_negatives_exclude_user_items_and_copy_the_impression():
     pos = inter[~inter[S.SAMPLED_NEGATIVE]]
     assert len(neg) == 3 * len(pos)
     assert (neg["click"] == 0).all() and (pos["click"] == 1).all()
-    pos_pairs = set(zip(pos[S.USER_ID], pos[S.ITEM_ID]))
-    assert not any(pair in pos_pairs for pair in zip(neg[S.USER_ID], neg[S.ITEM_ID]))
+    # a row's negatives avoid the user's items of its split and the splits before it (train < valid < test)
+    order = {"train": 0, "valid": 1, "test": 2}
+    pos_rank = pos[S.SPLIT].astype(str).map(order).to_numpy()
+    neg_rank = neg[S.SPLIT].astype(str).map(order).to_numpy()
+    for rank in range(3):
+        known = set(zip(pos[S.USER_ID][pos_rank <= rank], pos[S.ITEM_ID][pos_rank <= rank]))
+        chosen = neg_rank == rank
+        assert chosen.any()
+        assert not any(pair in known for pair in zip(neg[S.USER_ID][chosen], neg[S.ITEM_ID][chosen]))
     # each negative shares user, seq, time and split with exactly one positive
     key = [S.USER_ID, S.SEQ]
     merged = neg.merge(pos[key + [S.TIME, S.SPLIT]], on=key, suffixes=("", "_pos"), validate="many_to_one")
@@ -133,9 +146,81 @@ def test_user_who_saw_every_item_gets_a_clear_error():
                           "click": np.int8(1)})
     meta = DatasetMeta(name="t", source="t", loader="t", text_columns=["title"], label_columns=["click"],
                        positive_only=True)
-    ds = assemble(items=items, interactions=inter, meta=meta)
+    ds = split_dataset(assemble(items=items, interactions=inter, meta=meta), SplitConfig(cold_item_fraction=0.0))
     with pytest.raises(DataError, match=r"users have interacted with every item.*offending: \[0\]"):
         add_sampled_negatives(ds, NegativeConfig())
+
+
+def test_negatives_need_the_split_first():
+    with pytest.raises(DataError, match="split the dataset first"):
+        add_sampled_negatives(implicit_dataset(), NegativeConfig())
+
+
+def test_popularity_weights_are_training_counts_plus_smoothing_hand_case():
+    # user u1: a, a (train), b (valid), c (test); user u2: a, c (train), d (valid), b (test)
+    items = pd.DataFrame({"source_id": ["a", "b", "c", "d"], "title": ["w", "x", "y", "z"]})
+    inter = pd.DataFrame({"user": ["u1", "u1", "u1", "u1", "u2", "u2", "u2", "u2"],
+                          "item": ["a", "a", "b", "c", "a", "c", "d", "b"], "time": [0, 1, 2, 3, 0, 1, 2, 3],
+                          "click": np.int8(1)})
+    meta = DatasetMeta(name="t", source="t", loader="t", text_columns=["title"], label_columns=["click"],
+                       positive_only=True)
+    ds = split_dataset(assemble(items=items, interactions=inter, meta=meta), SplitConfig(cold_item_fraction=0.0))
+    assert ds.interactions[S.SPLIT].astype(str).tolist() == ["train", "train", "valid", "test",
+                                                               "train", "train", "valid", "test"]
+    # training counts: a 3, b 0 (its events are valid / test only), c 1, d 0
+    np.testing.assert_array_equal(training_counts(ds), [3, 0, 1, 0])
+    plain = NegativeConfig(smoothing=0.5, popularity_alpha=2.0, unseen="smoothing")
+    np.testing.assert_allclose(sampling_weights(ds, "popularity", plain), [3.5 ** 2, 0.25, 1.5 ** 2, 0.25])
+    # Good-Turing: one of the 4 training events is of an item seen once -> unseen items get 1/4 of the
+    # next draws: (1/4) / (3/4) of the seen items' weight (3.5^2 + 1.5^2 = 14.5), shared by b and d.
+    turing = NegativeConfig(smoothing=0.5, popularity_alpha=2.0)
+    np.testing.assert_allclose(sampling_weights(ds, "popularity", turing),
+                               [3.5 ** 2, 14.5 / 3 / 2, 1.5 ** 2, 14.5 / 3 / 2])
+
+
+def _perturb_evaluation_rows(ds, seed):
+    """The same dataset with every valid / test positive moved to another random item."""
+    inter = ds.interactions.copy()
+    rows = np.flatnonzero(inter[S.SPLIT].astype(str).to_numpy() != "train")
+    rng = np.random.default_rng(seed)
+    inter.loc[rows, S.ITEM_ID] = rng.integers(0, ds.n_items, size=len(rows))
+    return type(ds)(items=ds.items, interactions=inter, users=ds.users, meta=ds.meta)
+
+
+@pytest.mark.parametrize("time_unit", ["order", "seconds"])
+def test_training_negatives_do_not_depend_on_valid_or_test_rows(time_unit):
+    split = split_dataset(implicit_dataset(time_unit=time_unit), SplitConfig(cold_item_fraction=0.0))
+    config = NegativeConfig(ratio=4, seed=3)
+    a = add_sampled_negatives(split, config).interactions
+    b = add_sampled_negatives(_perturb_evaluation_rows(split, 1), config).interactions
+    train_a, train_b = (x[(x[S.SPLIT].astype(str) == "train").to_numpy()] for x in (a, b))
+    pd.testing.assert_frame_equal(train_a.reset_index(drop=True), train_b.reset_index(drop=True))
+    test_a, test_b = (x[(x[S.SPLIT].astype(str) == "test").to_numpy() & x[S.SAMPLED_NEGATIVE].to_numpy()]
+                      for x in (a, b))
+    assert not test_a[S.ITEM_ID].reset_index(drop=True).equals(test_b[S.ITEM_ID].reset_index(drop=True))
+    # whole-log counts (the old rule) would move the training weights with the test rows:
+    whole_a = np.bincount(split.interactions[S.ITEM_ID], minlength=split.n_items)
+    whole_b = np.bincount(_perturb_evaluation_rows(split, 1).interactions[S.ITEM_ID], minlength=split.n_items)
+    assert not np.array_equal(whole_a, whole_b)
+
+
+def test_items_are_never_negatives_before_they_exist():
+    ds = implicit_dataset(time_unit="seconds", n_items=200)
+    created = np.full(ds.n_items, -1, dtype=np.int64)
+    late = np.arange(ds.n_items) % 2 == 1  # odd items appear at time 5,000
+    created[late] = 5_000
+    ds.items[S.CREATED_AT] = created
+    inter = ds.interactions  # keep the data valid: no event on an item before it exists
+    ok = ~(late[inter[S.ITEM_ID].to_numpy()] & (inter[S.TIME].to_numpy() < 5_000))
+    ds = type(ds)(items=ds.items, interactions=inter.loc[ok].reset_index(drop=True), users=ds.users, meta=ds.meta)
+    out = prepare_dataset(ds, PrepareConfig(split=SplitConfig(cold_item_fraction=0.0),
+                                            negatives=NegativeConfig(ratio=4)))
+    neg = out.interactions[out.interactions[S.SAMPLED_NEGATIVE]]
+    drawn_created = created[neg[S.ITEM_ID].to_numpy()]
+    assert (drawn_created <= neg[S.TIME].to_numpy()).all()
+    after = neg[S.TIME].to_numpy() >= 5_000
+    assert after.any() and late[neg[S.ITEM_ID].to_numpy()[after]].any()  # late items are drawn once they exist
+    assert out.meta.prepared["negatives"]["created_at"]
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -122,7 +122,25 @@ def render_markdown(stats: dict[str, Any]) -> str:
         rows.append(("cold-start items", f"{sp['cold_start_items']:,} (rows: {cold_rows})"))
         rows.append(("long-tail items", ", ".join(f"{k} {v:,}" for k, v in sp["longtail_items"].items())))
     lines += [f"| {k} | {v} |" for k, v in rows]
+    if "leakage_probe" in stats:
+        lines += ["", *render_probe(stats["leakage_probe"])]
     return "\n".join(lines) + "\n"
+
+
+def render_probe(probe: dict[str, Any]) -> list[str]:
+    """Markdown lines for ``qarm.evaluate.leakage.leakage_probe``'s output (kept here, beside the rest of
+    the summary, so that the data package renders without importing the evaluation package)."""
+    low, high = probe["band"]
+    kind = ("sampled negatives: both should lie in the band" if probe["sampled_negatives"]
+            else "real negatives: an item's training click rate is a real signal, the band does not apply")
+    lines = [f"Leakage probe ({probe['label']}; GAUC of a per-item score learnt from training rows only; "
+             f"chance 50, band {low:g}..{high:g}; {kind}):", "",
+             "| score | valid GAUC | test GAUC |", "|---|---:|---:|"]
+    for name, values in probe["gauc"].items():
+        cells = [("-" if values.get(part) is None else f"{values[part]:.2f}") for part in ("valid", "test")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"**WARNING** {w}" for w in probe["warnings"]]
+    return lines
 
 
 def _q(q: dict[str, float]) -> str:

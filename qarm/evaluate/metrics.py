@@ -38,7 +38,10 @@ from qarm.errors import ConfigError, DataError
 # The metrics of a report segment that are scores (compared and tabulated), and the counts beside them.
 SCORE_METRICS = ("auc", "uauc", "gauc", "logloss")
 COUNT_FIELDS = ("n", "n_pos", "n_users", "users_with_both_classes")
+# Beside each segment's log loss: the log loss of always predicting the segment's own positive rate.
+CONSTANT_LOGLOSS = "constant_logloss"
 OVERALL = "overall"
+WARM = "warm"
 COLD_START = "cold_start"
 LABEL_PREFIX = "label_"
 SCORE_PREFIX = "score_"
@@ -332,11 +335,13 @@ def evaluate_predictions(frame: pd.DataFrame, tasks: Sequence[str], *, n_longtai
 
     Returns
     -------
-    A report: ``{task: {segment: metrics}}`` with segments ``"overall"``, ``"cold_start"`` (rows whose
-    item is cold) and ``"L1" .. "Ln"`` (rows whose item's ``longtail_group`` is 1..n; group 0 holds the
+    A report: ``{task: {segment: metrics}}`` with segments ``"overall"``, ``"warm"`` (rows whose item is
+    not cold-start), ``"cold_start"`` (rows whose item is cold) and ``"L1" .. "Ln"`` (rows whose item's ``longtail_group`` is 1..n; group 0 holds the
     items without training events, which the cold-start segment covers). ``metrics`` is::
 
         {"auc", "uauc", "gauc", "logloss": float (NaN where undefined),
+         "constant_logloss": the log loss of always predicting the segment's positive rate (the best
+             constant in hindsight; a model above it is worse than no model),
          "n": rows, "n_pos": positive rows, "n_users": users with rows in the segment,
          "users_with_both_classes": users that enter UAUC and GAUC}
 
@@ -355,7 +360,8 @@ def evaluate_predictions(frame: pd.DataFrame, tasks: Sequence[str], *, n_longtai
 
     n = len(frame)
     codes, keys = _group_codes(frame[S.USER_ID].to_numpy(), n, name=S.USER_ID, labels_name="rows")
-    segments = {OVERALL: np.ones(n, dtype=bool), COLD_START: _check_cold(frame[S.COLD_ITEM])}
+    cold = _check_cold(frame[S.COLD_ITEM])
+    segments = {OVERALL: np.ones(n, dtype=bool), WARM: ~cold, COLD_START: cold}
     groups = _check_longtail(frame[S.LONGTAIL_GROUP], n_longtail_groups)
     for g in range(1, n_longtail_groups + 1):
         segments[f"L{g}"] = groups == g
@@ -380,6 +386,7 @@ def _segment_metrics(y: np.ndarray, p: np.ndarray, codes: np.ndarray, keys: np.n
         "uauc": _uauc_of(grouped),
         "gauc": _gauc_of(grouped),
         "logloss": _logloss(y, p, eps),
+        CONSTANT_LOGLOSS: _logloss(y, np.full(len(y), y.mean()), eps) if len(y) else float("nan"),
         "n": int(len(y)),
         "n_pos": int(y.sum()),
         "n_users": grouped.n_groups,

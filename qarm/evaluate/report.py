@@ -24,11 +24,20 @@ import numpy as np
 
 from qarm.data.io import atomic_write_bytes
 from qarm.errors import ConfigError, DataError
-from qarm.evaluate.metrics import COLD_START, COUNT_FIELDS, OVERALL, SCORE_METRICS, as_float
+from qarm.evaluate.metrics import (
+    COLD_START,
+    CONSTANT_LOGLOSS,
+    COUNT_FIELDS,
+    OVERALL,
+    SCORE_METRICS,
+    WARM,
+    as_float,
+)
 
 STD_SUFFIX = "_std"
 N_SEEDS = "n_seeds"
-SEGMENT_TITLES = {OVERALL: "overall", COLD_START: "cold-start"}
+SEGMENT_TITLES = {OVERALL: "overall", WARM: "warm", COLD_START: "cold-start"}
+WORSE_MARK = " (!)"  # a log loss worse than the constant base rate's
 MISSING = "-"
 
 
@@ -116,6 +125,9 @@ def render_markdown(reports: Mapping[str, Mapping[str, Any]], task: str, metric:
         cells = [_cell(report[task].get(s), metric) for s in segments]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     first_name, first = next(iter(reports.items()))
+    if metric == "logloss":
+        constant = [_constant_cell(first[task].get(s)) for s in segments]
+        lines.append("| constant (the segment's base rate) | " + " | ".join(constant) + " |")
     sizes = ", ".join(
         f"{SEGMENT_TITLES.get(s, s)} {_count(first[task][s], 'n')} ({_count(first[task][s], 'n_pos')} pos, "
         f"{_count(first[task][s], 'users_with_both_classes')} users with both classes)"
@@ -123,6 +135,8 @@ def render_markdown(reports: Mapping[str, Mapping[str, Any]], task: str, metric:
     )
     unit = "log loss in nats" if metric == "logloss" else "percent"
     lines += ["", f"Values in {unit}. Rows per segment in '{first_name}': {sizes}."]
+    if metric == "logloss":
+        lines += ["", f"`{WORSE_MARK.strip()}`: worse than always predicting the segment's base rate (the last row)."]
     return "\n".join(lines) + "\n"
 
 
@@ -175,7 +189,22 @@ def _cell(metrics: Mapping[str, Any] | None, metric: str) -> str:
     text = f"{scale * mean:.{digits}f}"
     if not math.isnan(std):
         text += f" ± {scale * std:.{digits}f}"
+    if metric == "logloss" and worse_than_constant(metrics):
+        text += WORSE_MARK
     return text
+
+
+def worse_than_constant(metrics: Mapping[str, Any] | None) -> bool:
+    """Whether a segment's (mean) log loss is above the constant base rate's."""
+    if metrics is None:
+        return False
+    mine, constant = as_float(metrics.get("logloss")), as_float(metrics.get(CONSTANT_LOGLOSS))
+    return not (math.isnan(mine) or math.isnan(constant)) and mine > constant
+
+
+def _constant_cell(metrics: Mapping[str, Any] | None) -> str:
+    value = as_float(None if metrics is None else metrics.get(CONSTANT_LOGLOSS))
+    return MISSING if math.isnan(value) else f"{value:.4f}"
 
 
 def _count(metrics: Mapping[str, Any], name: str) -> str:

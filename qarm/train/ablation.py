@@ -50,10 +50,10 @@ from qarm import __version__
 from qarm.config import from_dict, to_dict
 from qarm.data.io import atomic_write_bytes, write_json
 from qarm.errors import CheckpointMismatch, ConfigError
-from qarm.evaluate.metrics import COLD_START, OVERALL
+from qarm.evaluate.metrics import COLD_START, OVERALL, WARM
 from qarm.evaluate.report import aggregate_seeds, render_markdown
 from qarm.features.examples import ExampleSource
-from qarm.train.stage import REPORT_FILE, RankingConfig, build_tables, train_ranking
+from qarm.train.stage import REPORT_FILE, RankingConfig, build_tables, run_flags, train_ranking
 from qarm.train.trainer import TrainConfig
 
 STUDIES = ("table1", "k", "d", "groups", "leaderboard")
@@ -342,6 +342,7 @@ def _assemble(config: AblationConfig, variants: dict[str, tuple[str, dict[str, A
             "train_seconds": float(np.mean(train_s)), "train_seconds_std": _std(train_s),
             "examples_per_second": float(np.median([r["examples_per_second"] for r in runs])),
             "epochs_trained": float(np.mean([_epochs(r) for r in runs])),
+            "flags": {str(seed): run_flags(r) for seed, r in zip(config.seeds, runs) if run_flags(r)},
         }
     assert first is not None
     return {
@@ -416,22 +417,28 @@ def render_ablation(result: dict[str, Any]) -> str:
 
 
 def _cost_table(rows: dict[str, Any]) -> list[str]:
-    lines = ["| variant | model | parameters | training s (mean ± std; optimiser steps only) | examples/s | epochs |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| variant | model | parameters | training s (mean ± std; optimiser steps only) | examples/s | epochs "
+             "| flags |", "|---|---|---:|---:|---:|---:|---|"]
+    notes = []
     for name, v in rows.items():
         std = v["train_seconds_std"]
+        flags = v.get("flags") or {}
         lines.append(f"| {name} | {v['model']} {json.dumps(v['model_config'])} | {v['parameters']:,} | "
                      f"{v['train_seconds']:.0f}" + ("" if math.isnan(std) else f" ± {std:.0f}") +
-                     f" | {v['examples_per_second']:,.0f} | {v['epochs_trained']:.2f} |")
+                     f" | {v['examples_per_second']:,.0f} | {v['epochs_trained']:.2f} | "
+                     + (f"(!) {len(flags)} of {len(v['seeds'])} seeds" if flags else "") + " |")
+        notes += [f"- {name}, seed {seed}: " + "; ".join(items) for seed, items in flags.items()]
+    if notes:
+        lines += ["", "Flags (the runs' numbers are suspect):", *notes]
     return lines + [""]
 
 
 def gain_table(variants: dict[str, Any], task: str, row: str, references: list[str]) -> list[str]:
     """Markdown rows: GAUC gain of ``row`` over each reference per segment (overall, cold-start, L1..)."""
     mine = variants[row]["metrics"][task]
-    segments = [s for s in mine if s == OVERALL or s == COLD_START or s.startswith("L")]
+    segments = [s for s in mine if s in (OVERALL, WARM, COLD_START) or s.startswith("L")]
     header = "| " + task + ": gain of " + row + " over | " + " | ".join(
-        {OVERALL: "overall", COLD_START: "cold-start"}.get(s, s) for s in segments) + " |"
+        {OVERALL: "overall", WARM: "warm", COLD_START: "cold-start"}.get(s, s) for s in segments) + " |"
     lines = [header, "|---" + "|---:" * len(segments) + "|"]
     for ref in references:
         theirs = variants[ref]["metrics"][task]

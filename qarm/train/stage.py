@@ -26,7 +26,8 @@ from qarm import __version__
 from qarm.config import from_dict, to_dict
 from qarm.data.io import write_json
 from qarm.errors import ConfigError
-from qarm.evaluate.metrics import evaluate_predictions
+from qarm.evaluate.metrics import OVERALL, evaluate_predictions
+from qarm.evaluate.report import worse_than_constant
 from qarm.features.examples import ExampleSource
 from qarm.features.tables import ItemTables
 from qarm.models import build_model, describe_model, model_config
@@ -76,6 +77,24 @@ def build_tables(source: ExampleSource, dataset_dir: str | Path | None, model: s
         dataset = load_dataset(dataset_dir)
         texts, modalities = item_texts(dataset), dict(dataset.item_vectors)
     return ItemTables.build(source, quantize_dir=quantize_dir, align_dir=align_dir, texts=texts, modalities=modalities)
+
+
+def run_flags(report: dict[str, Any]) -> list[str]:
+    """What makes a run's numbers suspect, as short sentences: a task whose validation GAUC stayed below
+    0.5 at every validation (the model learnt the labels backwards: a leaky split or sampler), and a task
+    whose overall log loss on the evaluated split is worse than always predicting its base rate."""
+    flags = []
+    evals = report.get("history", {}).get("evals") or []
+    for task, segments in report["metrics"].items():
+        values = [e["valid"][task]["gauc"] for e in evals if task in e.get("valid", {})]
+        values = [v for v in values if v is not None and v == v]
+        if values and max(values) < 0.5:
+            flags.append(f"{task}: validation GAUC below 0.5 at every validation (best {100 * max(values):.2f})")
+        if worse_than_constant(segments.get(OVERALL)):
+            flags.append(f"{task}: {report.get('eval_split', 'test')} log loss "
+                         f"{segments[OVERALL]['logloss']:.4f} worse than the constant base rate's "
+                         f"{segments[OVERALL]['constant_logloss']:.4f}")
+    return flags
 
 
 def train_ranking(dataset_dir: str | Path | None, out_dir: str | Path, config: RankingConfig | None = None, *,
@@ -148,6 +167,9 @@ def train_ranking(dataset_dir: str | Path | None, out_dir: str | Path, config: R
         "examples_per_second": result.examples_per_second,
         "seconds": seconds,
     }
+    report["flags"] = run_flags(report)
+    for flag in report["flags"]:
+        say(f"ranking: WARNING {config.model}: {flag}")
     write_json(out_dir / REPORT_FILE, report)
     overall = {t: round(metrics[t]["overall"]["gauc"], 4) for t in source.tasks}
     say(f"ranking: {config.model} {config.eval_split} GAUC {overall}, {result.examples_per_second:,.0f} examples/s")

@@ -42,65 +42,26 @@ import copy
 import io
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-from pathlib import Path
 
 import numpy as np
+from _frappe import (
+    FOLDER,
+    SETTINGS,
+    PeakRSS,
+    common_args,
+    data_info,
+    frappe_folder,
+    load,
+    load_text,
+    machine,
+    medians,
+    parser,
+    run_workers,
+)
 
-RESULTS = Path(__file__).resolve().parent / "results"
-FOLDER = "frappe_nfm_partial"
 MODELS = ("qarm_fgcnn", "peer_fgcnn", "peer_ipnn")
-# The FGCNN configuration both implementations run (qarm's FGCNNConfig names; DeepCTR's in brackets).
-SETTINGS = {"channels": (14, 16, 18),  # conv_filters
-            "kernel_heights": (7, 7, 7),  # conv_kernel_width
-            "pooling": (2, 2, 2),  # pooling_width
-            "new_features": (3, 3, 3),  # new_maps
-            "hidden": (256, 128)}  # dnn_hidden_units
-
-
-# -- data ----------------------------------------------------------------------------------------
-
-
-def frappe_folder() -> Path | None:
-    from qarm.data.shared import find_shared_data
-
-    root = find_shared_data()
-    path = None if root is None else root / FOLDER
-    return path if path is not None and path.is_dir() else None
-
-
-def load(split_seed: int) -> dict[str, np.ndarray]:
-    """Field codes and labels: ``train`` / ``holdout`` (80/20 of the validation file) and ``test``."""
-    from qarm.data.loaders.frappe import FIELDS, PARTS, check_field_ranges, read_libfm
-
-    folder = frappe_folder()
-    parts = {part: read_libfm(folder / name) for part, name in PARTS.items()}
-    for part, (_, feats) in parts.items():
-        check_field_ranges(feats, file=str(folder / PARTS[part]))
-    labels, feats = parts["validation"]
-    order = np.random.default_rng(split_seed).permutation(len(labels))
-    cut = int(round(0.8 * len(labels)))
-    raw = {"train": feats[order[:cut]], "holdout": feats[order[cut:]], "test": parts["test"][1]}
-    y = {"train": labels[order[:cut]], "holdout": labels[order[cut:]], "test": parts["test"][0]}
-    data: dict[str, np.ndarray] = {}
-    sizes = []
-    for f in range(len(FIELDS)):
-        vocab = np.unique(raw["train"][:, f])  # codes 1..V from the training rows; 0: unseen there
-        sizes.append(len(vocab) + 1)
-        for split, values in raw.items():
-            pos = np.searchsorted(vocab, values[:, f]).clip(max=len(vocab) - 1)
-            codes = np.where(vocab[pos] == values[:, f], pos + 1, 0)
-            data.setdefault(split, np.zeros((len(values), len(FIELDS)), dtype=np.int64))[:, f] = codes
-    for split in raw:
-        data[f"y_{split}"] = (y[split] == 1).astype(np.float32)
-    data["sizes"] = np.array(sizes, dtype=np.int64)
-    return data
 
 
 # -- models --------------------------------------------------------------------------------------
@@ -194,35 +155,6 @@ def peer_fgcnn_class():
 # -- one (model, seed) in its own process ------------------------------------------------------------
 
 
-class PeakRSS:
-    """The process's peak resident memory above its value at the start, sampled every 5 ms."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self.process = psutil.Process()
-        self.start = self.peak = self.process.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
-
-    @property
-    def delta_mib(self) -> float:
-        return (self.peak - self.start) / 2**20
-
-
 def worker(name: str, seed: int, args: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
@@ -314,35 +246,11 @@ def step_speed(model, codes: np.ndarray, labels: np.ndarray, peer: bool, args: a
 # -- the whole run ---------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    import torch
-
-    load_avg = os.getloadavg() if hasattr(os, "getloadavg") else None
-    try:
-        from importlib.metadata import version
-
-        peer_version = version("deepctr-torch")
-    except Exception:  # noqa: BLE001 - reported, not fatal
-        peer_version = None
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "deepctr_torch": peer_version, "torch_threads": 1, "load_average": load_avg}
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--dim", type=int, default=16, help="embedding size of every field (both models)")
-    parser.add_argument("--split-seed", type=int, default=0, help="the 80/20 split of the validation file")
-    parser.add_argument("--step-batches", type=int, default=40, help="timed batches of the same-loop speed")
-    parser.add_argument("--no-ipnn", action="store_true", help="skip DeepCTR-Torch's stock PNN (IPNN)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
-    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    p = parser(__doc__, MODELS)
+    p.add_argument("--step-batches", type=int, default=40, help="timed batches of the same-loop speed")
+    p.add_argument("--no-ipnn", action="store_true", help="skip DeepCTR-Torch's stock PNN (IPNN)")
+    args = p.parse_args()
 
     if args.worker:
         args.result.write_text(json.dumps(worker(args.worker, args.seed, args)))
@@ -360,35 +268,19 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     models = [m for m in MODELS if not (args.no_ipnn and m == "peer_ipnn")]
     data = load(args.split_seed)
-    info = {"machine": machine(),
-            "data": {"folder": str(frappe_folder()), "train": len(data["train"]), "holdout": len(data["holdout"]),
-                     "test": len(data["test"]), "fields": len(data["sizes"]),
-                     "field_sizes": [int(s) for s in data["sizes"]],
-                     "positive_rate_train": float(data["y_train"].mean())},
+    info = {"machine": machine(["deepctr-torch"]), "data": data_info(data),
             "config": {"embedding_dim": args.dim, "batch_size": args.batch_size, "epochs": args.epochs,
                        "optimizer": "Adam lr 1e-3", "selection": "best holdout AUC epoch",
                        "split_seed": args.split_seed, "seeds": seeds, "fgcnn": SETTINGS,
                        "step_batches": args.step_batches}}
     print(json.dumps(info, indent=1))
 
-    runs = []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in seeds:
-            for name in models:  # interleaved, so load changes on the shared machine hit every model
-                result = Path(tmp) / f"{name}-{seed}.json"
-                cmd = [sys.executable, __file__, "--worker", name, "--seed", str(seed), "--result", str(result),
-                       "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--dim", str(args.dim),
-                       "--split-seed", str(args.split_seed), "--step-batches", str(args.step_batches)]
-                subprocess.run(cmd, check=True, env=env)
-                run = json.loads(result.read_text())
-                run["load_average_after"] = os.getloadavg()[0]
-                runs.append(run)
-                print(f"{name:11s} seed {seed}: test AUC {run['test_auc']:.4f}  logloss {run['test_logloss']:.4f}  "
-                      f"fit {run['fit_examples_per_s']:,.0f} ex/s  step {run['step_examples_per_s']:,.0f} ex/s  "
-                      f"peak RSS +{run['peak_rss_mib']:.0f} MiB  best epoch {run['best_epoch']}", flush=True)
+    runs = run_workers(__file__, models, seeds, [*common_args(args), "--step-batches", str(args.step_batches)],
+                       lambda run: f"test AUC {run['test_auc']:.4f}  logloss {run['test_logloss']:.4f}  "
+                                   f"fit {run['fit_examples_per_s']:,.0f} ex/s  step {run['step_examples_per_s']:,.0f} "
+                                   f"ex/s  peak RSS +{run['peak_rss_mib']:.0f} MiB  best epoch {run['best_epoch']}")
     summary = summarise(runs, models)
-    report = {**info, "runs": runs, "summary": summary, "load_average_end": os.getloadavg()}
+    report = {**info, "runs": runs, "summary": summary, "load_average_end": list(os.getloadavg())}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "peer_fgcnn_frappe.json").write_text(json.dumps(report, indent=1) + "\n")
     markdown = to_markdown(report)
@@ -401,24 +293,24 @@ METRICS = ("test_auc", "test_logloss", "fit_examples_per_s", "step_examples_per_
 
 
 def summarise(runs: list[dict], models: list[str]) -> dict:
-    medians = {m: {k: statistics.median(r[k] for r in runs if r["model"] == m) for k in METRICS} for m in models}
-    ratios = {k: medians["qarm_fgcnn"][k] / medians["peer_fgcnn"][k] for k in METRICS}
-    goal = {"auc_at_least_peer": medians["qarm_fgcnn"]["test_auc"] >= medians["peer_fgcnn"]["test_auc"],
+    med = medians(runs, models, METRICS)
+    ratios = {k: med["qarm_fgcnn"][k] / med["peer_fgcnn"][k] for k in METRICS}
+    goal = {"auc_at_least_peer": med["qarm_fgcnn"]["test_auc"] >= med["peer_fgcnn"]["test_auc"],
             "fit_speed_at_least_2x": ratios["fit_examples_per_s"] >= 2.0,
             "step_speed_at_least_2x": ratios["step_examples_per_s"] >= 2.0}
-    return {"medians": medians, "ratios_qarm_over_peer_fgcnn": ratios, "goal": goal}
+    return {"medians": med, "ratios_qarm_over_peer_fgcnn": ratios, "goal": goal}
 
 
 def to_markdown(report: dict) -> str:
     s, m, d, c = report["summary"], report["machine"], report["data"], report["config"]
     lines = ["# qarm FGCNN vs DeepCTR-Torch (FGCNN port, stock IPNN) on Frappe", "",
-             f"Machine: {m['platform']}, {m['cpu_count']} CPUs (shared with other jobs; load average "
-             f"{', '.join(f'{v:.2f}' for v in report['load_average_end'])} at the end), torch {m['torch']}, "
-             f"deepctr-torch {m['deepctr_torch']}, 1 torch thread per run.",
-             f"Data: Frappe, train {d['train']:,} / holdout {d['holdout']:,} (80/20 of the validation file, split seed "
-             f"{c['split_seed']}), test {d['test']:,}; {d['fields']} fields.",
-             f"Config: embedding {c['embedding_dim']}, batch {c['batch_size']}, {c['epochs']} epochs (best holdout AUC "
-             f"kept), Adam lr 1e-3, FGCNN {c['fgcnn']}; seeds {c['seeds']}; medians over seeds.", "",
+             (f"Machine: {m['platform']}, {m['cpu_count']} CPUs (shared with other jobs; load average "
+              f"{load_text(report['load_average_end'])} at the end), torch {m['torch']}, "
+              f"deepctr-torch {m['deepctr-torch']}, 1 torch thread per run."),
+             (f"Data: Frappe, train {d['train']:,} / holdout {d['holdout']:,} (80/20 of the validation file, split "
+              f"seed {c['split_seed']}), test {d['test']:,}; {d['fields']} fields."),
+             (f"Config: embedding {c['embedding_dim']}, batch {c['batch_size']}, {c['epochs']} epochs (best holdout "
+              f"AUC kept), Adam lr 1e-3, FGCNN {c['fgcnn']}; seeds {c['seeds']}; medians over seeds."), "",
              "| model | test AUC | test logloss | fit ex/s | step ex/s | peak RSS (MiB) |",
              "|---|---|---|---|---|---|"]
     for name, v in s["medians"].items():
@@ -428,8 +320,8 @@ def to_markdown(report: dict) -> str:
     lines.append(f"| **qarm / peer FGCNN** | {r['test_auc']:.4f} | {r['test_logloss']:.3f} | "
                  f"{r['fit_examples_per_s']:.2f}x | {r['step_examples_per_s']:.2f}x | {r['peak_rss_mib']:.2f}x |")
     lines += ["", f"Goal (AUC >= peer, speed >= 2x): {s['goal']}", "",
-              "fit ex/s: each library's own training loop (peer: `fit`); step ex/s: one identical loop for every "
-              "model. Peak RSS: resident memory above the worker's start (psutil, 5 ms sampling).", ""]
+              ("fit ex/s: each library's own training loop (peer: `fit`); step ex/s: one identical loop for every "
+               "model. Peak RSS: resident memory above the worker's start (psutil, 5 ms sampling)."), ""]
     return "\n".join(lines)
 
 

@@ -14,7 +14,14 @@ from qarm.data.synthetic import SyntheticConfig, generate
 from qarm.errors import ConfigError
 from qarm.features import OOV, ExampleSource, ItemTables
 from qarm.models import MODELS, build_model, describe_model, model_config
-from qarm.models.fgcnn import FGCNN, FGCNNConfig, FieldConvolution, generated_feature_count, pooled_field_counts
+from qarm.models.fgcnn import (
+    FGCNN,
+    FeatureGeneration,
+    FGCNNConfig,
+    FieldConvolution,
+    generated_feature_count,
+    pooled_field_counts,
+)
 from qarm.models.layers import PairwiseInnerProducts
 from qarm.train import TrainConfig, predict, train
 
@@ -219,8 +226,8 @@ def test_cold_items_use_the_oov_row(source, tables, separate):
 @pytest.mark.parametrize("values, message", [
     ({"embedding_dim": 0}, "The 'embedding_dim' parameter of FGCNNConfig must be an int >= 1. Got 0 instead."),
     ({"channels": ()}, "The 'channels' parameter of FGCNNConfig must be a non-empty list of ints >= 1. Got ()"),
-    ({"kernel_heights": (7,)}, "The 'kernel_heights' parameter of FGCNNConfig must have one entry per block "
-                               "(len(channels) = 2). Got (7,) instead."),
+    ({"kernel_heights": (7,)}, ("The 'kernel_heights' parameter of FGCNNConfig must have one entry per block "
+                                "(len(channels) = 2). Got (7,) instead.")),
     ({"pooling": (2, 0)}, "The 'pooling' parameter of FGCNNConfig must be an int >= 1. Got 0 instead."),
     ({"hidden": (64, -1)}, "The 'hidden' parameter of FGCNNConfig must be an int >= 1. Got -1 instead."),
     ({"dropout": 1.5}, "The 'dropout' parameter of FGCNNConfig must be a float in [0.0, 0.99]. Got 1.5 instead."),
@@ -248,3 +255,112 @@ def test_unknown_config_key_lists_the_allowed_ones():
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['chanels'\] .* allowed keys: .*'channels'"):
         model_config("fgcnn", {"chanels": (4,)})
     assert model_config("fgcnn", {"channels": [4, 4]}).channels == (4, 4)  # YAML lists become tuples
+
+
+# -- FuxiCTR's options: pooling that rounds up, conv batch-norm, xavier initialisation ------------------
+
+
+def test_round_up_pooling_counts_frappe_as_fuxictr():
+    # 10 fields, three blocks of pooling 2: ceil(10/2) = 5, ceil(5/2) = 3, ceil(3/2) = 2 rows; 3 new features
+    # per row: 15 + 9 + 6 = 30 generated features (rounding down: 5, 2, 1 rows, 24)
+    assert pooled_field_counts(10, (2, 2, 2), "up") == [5, 3, 2]
+    assert generated_feature_count(10, (2, 2, 2), (3, 3, 3), "up") == 30
+    assert generated_feature_count(10, (2, 2, 2), (3, 3, 3), "down") == 24
+    assert pooled_field_counts(7, (3, 3), "up") == [3, 1]
+    model = FGCNN([3] * 10, 1, FGCNNConfig(embedding_dim=4, channels=(3, 3, 3), kernel_heights=(7, 7, 7),
+                                           pooling=(2, 2, 2), new_features=(3, 3, 3), hidden=(8,),
+                                           pooling_round="up"))
+    assert model.network.n_generated == 30
+    assert model.network.generation(torch.randn(2, 10, 4)).shape == (2, 30, 4)
+    assert model.network.products.out_features == 40 * 39 // 2
+
+
+def test_round_up_pools_the_last_row_alone():
+    """5 rows, pooling 2 up: windows (0, 1), (2, 3), (4): the last pooled row is row 4 itself."""
+    torch.manual_seed(0)
+    gen = FeatureGeneration(5, 1, (1,), (1,), (2,), (1,), rounding="up")
+    with torch.no_grad():
+        gen.convs[0].weight.fill_(1.0)  # a 1 x 1 identity convolution
+        gen.convs[0].bias.zero_()
+    seen = {}
+    gen.recombine[0].register_forward_hook(lambda m, inputs, out: seen.update(x=inputs[0]))
+    gen(torch.tensor([[[0.1], [0.5], [-0.2], [-0.7], [0.3]]]))  # (B=1, F=5, k=1)
+    torch.testing.assert_close(seen["x"], torch.tanh(torch.tensor([[0.5, -0.2, 0.3]])))
+
+
+def _reference_generation(gen, fields, rounding, batch_norm):
+    """FGCNN's generation the textbook way: NCHW maps, F.conv2d 'same', batch-norm, tanh, F.max_pool2d
+    (ceil_mode for rounding up), dense, tanh."""
+    maps = fields.unsqueeze(1)  # (B, 1, F, k)
+    out = []
+    for i, (conv, dense, p) in enumerate(zip(gen.convs, gen.recombine, gen.pooling)):
+        z = F.conv2d(maps, conv.weight[..., None], conv.bias, padding="same")
+        if batch_norm:
+            norm = gen.norms[i]
+            z = F.batch_norm(z, None, None, norm.weight, norm.bias, training=True, eps=norm.eps)
+        maps = F.max_pool2d(torch.tanh(z), (p, 1), ceil_mode=rounding == "up")  # (B, c, F_i, k)
+        flat = maps.permute(0, 3, 2, 1).flatten(1)  # qarm's (k, F_i, c) order
+        out.append(torch.tanh(dense(flat)).view(len(fields), -1, fields.shape[2]))
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("rounding", ["down", "up"])
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_generation_equals_conv2d_batch_norm_max_pool2d(rounding, batch_norm):
+    torch.manual_seed(0)
+    gen = FeatureGeneration(7, 5, (4, 3), (3, 4), (2, 2), (2, 3), rounding=rounding, batch_norm=batch_norm)
+    if batch_norm:
+        for norm in gen.norms:  # not the identity affine part, so that it is tested too
+            torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(norm.bias, -0.5, 0.5)
+    fields = torch.randn(6, 7, 5)
+    expected = _reference_generation(gen, fields, rounding, batch_norm)
+    assert expected.shape == (6, generated_feature_count(7, (2, 2), (2, 3), rounding), 5)
+    torch.testing.assert_close(gen(fields), expected)
+
+
+def test_batch_norm_option_adds_one_norm_per_block_and_tracks_statistics():
+    config = FGCNNConfig(**{**SMALL, "channels": (4, 5), "kernel_heights": (3, 3), "pooling": (2, 2),
+                            "new_features": (2, 2)}, batch_norm=True)
+    model = FGCNN([4, 7, 3, 5, 2, 9], 1, config)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert [n.num_features for n in norms] == [4, 5]
+    codes = torch.stack([torch.randint(0, s, (32,)) for s in (4, 7, 3, 5, 2, 9)], dim=1)
+    model(codes)
+    assert all(n.num_batches_tracked == 1 and n.running_mean.abs().sum() > 0 for n in norms)
+    assert not [m for m in FGCNN([4, 7, 3, 5, 2, 9], 1, FGCNNConfig(**SMALL)).modules()
+                if isinstance(m, torch.nn.BatchNorm1d)]
+
+
+def test_round_up_pooling_needs_only_two_fields(source, tables):
+    config = {"channels": (4, 4, 4), "kernel_heights": (3, 3, 3), "pooling": (2, 2, 2), "new_features": (1, 1, 1),
+              "recent_history": 0, "pooling_round": "up"}  # the 6 fields that rounding down rejects
+    model = build_model("fgcnn", source.spec, tables, config)
+    assert model.network.n_generated == 3 + 2 + 1
+
+
+def test_xavier_init_is_fuxictr_scheme():
+    torch.manual_seed(0)
+    model = FGCNN([500] * 10, 1, FGCNNConfig(pooling=(2, 2), pooling_round="up", init="xavier"))
+    first = model.network.mlp[0]
+    fan_out, fan_in = first.weight.shape
+    assert abs(first.weight.std().item() / (2 / (fan_in + fan_out)) ** 0.5 - 1) < 0.05
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 + 2 + 1 and all(torch.count_nonzero(m.bias) == 0 for m in linears)  # recombine, MLP, head
+    for table in (model.embedding.table, model.generation_embedding.table):
+        assert abs(table.weight.std().item() / 1e-4 - 1) < 0.05
+    default = FGCNN([500] * 10, 1, FGCNNConfig(pooling=(2, 2), pooling_round="up"))
+    assert abs(default.embedding.table.weight.std().item() / 0.01 - 1) < 0.05  # the project's N(0, 0.01)
+    assert torch.count_nonzero(default.network.mlp[0].bias) > 0  # PyTorch's default: uniform biases
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"pooling_round": "nearest"},
+     "The 'pooling_round' parameter of FGCNNConfig must be one of 'down', 'up'. Got 'nearest' instead."),
+    ({"batch_norm": 1}, "The 'batch_norm' parameter of FGCNNConfig must be a bool."),
+    ({"init": "he"}, "The 'init' parameter of FGCNNConfig must be one of 'torch', 'xavier'. Got 'he' instead."),
+])
+def test_bad_fuxictr_option_names_the_field(values, message):
+    with pytest.raises(ConfigError) as err:
+        FGCNNConfig(**values)
+    assert message in str(err.value)

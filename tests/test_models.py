@@ -42,9 +42,27 @@ def test_mmoe_gives_one_logit_per_task():
     head = MMoE(24, n_tasks=3, config=MMoEConfig(n_experts=5, expert_hidden=(16, 8), tower_hidden=(4,)))
     out = head(torch.randn(7, 24))
     assert out.shape == (7, 3)
-    assert len(head.experts) == 5 and len(head.towers) == 3
+    assert head.n_experts == 5 and len(head.towers) == 3
     out.sum().backward()
     assert all(p.grad is not None for p in head.parameters())
+
+
+@pytest.mark.parametrize("hidden", [(16,), (16, 8)])
+def test_fused_mmoe_equals_separate_experts_from_the_same_seed(hidden):
+    """The fused experts start from the very weights E separate expert MLPs would have, and compute the
+    same function: the reference below is MMoE written expert by expert."""
+    config = MMoEConfig(n_experts=3, expert_hidden=hidden, tower_hidden=(4,))
+    torch.manual_seed(7)
+    experts = [MLP(24, hidden) for _ in range(3)]
+    gates = torch.nn.Linear(24, 2 * 3)
+    towers = [MLP(hidden[-1], (4,), out_dim=1) for _ in range(2)]
+    torch.manual_seed(7)
+    head = MMoE(24, n_tasks=2, config=config)
+    x = torch.randn(9, 24)
+    stacked = torch.stack([e(x) for e in experts], dim=1)  # (B, E, H)
+    mix = torch.bmm(gates(x).view(-1, 2, 3).softmax(dim=-1), stacked)
+    reference = torch.cat([t(mix[:, i]) for i, t in enumerate(towers)], dim=1)
+    torch.testing.assert_close(head(x), reference, rtol=1e-5, atol=1e-6)
 
 
 def test_mlp_out_features():

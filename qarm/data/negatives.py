@@ -44,7 +44,9 @@ class NegativeConfig:
     """``auto``: ``popularity`` for positive-only data, ``none`` otherwise."""
     ratio: int = 4  # negatives per positive: a common choice for CTR on implicit data
     popularity_alpha: float = 1.0  # 1.0 = proportional to counts; 0.75 is word2vec's smoothing
-    smoothing: float = 1.0  # added to every training count, so items without training events can be drawn
+    smoothing: float = 0.0
+    """Added to every training count. 0: items seen in training at their counts (the maximum-likelihood
+    estimate), the unseen ones at their Good-Turing share (``unseen``); needs ``unseen="good_turing"``."""
     unseen: Literal["good_turing", "smoothing"] = "good_turing"
     """Weight of the items without training events (first shown after the training period).
     ``good_turing``: together they get the Good-Turing estimate of the share of new items in the next events,
@@ -70,8 +72,11 @@ class NegativeConfig:
         if self.counts not in ("train", "whole_log"):
             raise ConfigError(f"The 'counts' parameter of NegativeConfig must be 'train' or 'whole_log'. "
                               f"Got {self.counts!r} instead.")
-        if not self.smoothing > 0:
-            raise ConfigError(f"The 'smoothing' parameter of NegativeConfig must be > 0. Got {self.smoothing} instead.")
+        if self.smoothing == 0 and self.unseen == "smoothing":
+            raise ConfigError("NegativeConfig(unseen='smoothing') needs smoothing > 0: items without training "
+                              "events would get no weight")
+        if not self.smoothing >= 0:
+            raise ConfigError(f"The 'smoothing' parameter of NegativeConfig must be >= 0. Got {self.smoothing} instead.")
 
 
 def resolve_sampler(dataset: Dataset, config: NegativeConfig) -> str:

@@ -30,7 +30,9 @@ Shapes (B examples, F fields, k = embedding_dim, T tasks)::
 
     fields            E = [e_1 .. e_F]                                          (B, F, k)
     block i           tanh(conv h_i x 1, c_i channels, 'same' padding)          (B, c_i, F_{i-1}, k)
-                      max-pool p_i x 1 (floor)                                  (B, c_i, F_i, k),  F_i = F_{i-1} // p_i
+                      (batch_norm=True: tanh(batch-norm(conv)), per channel)
+                      max-pool p_i x 1                                          (B, c_i, F_i, k),  F_i = F_{i-1} // p_i
+                                                                 (pooling_round="up": ceil(F_{i-1} / p_i))
                       tanh(dense) -> F_i r_i new features                       (B, F_i r_i, k)
     generated         G, N_new = sum_i F_i r_i  (:func:`generated_feature_count`)   (B, N_new, k)
     classifier input  X = [E | G], N = F + N_new                                (B, N, k)
@@ -53,11 +55,22 @@ from qarm.errors import ConfigError
 from qarm.features.batch import RankingBatch
 from qarm.features.examples import FeatureSpec
 from qarm.features.tables import ItemTables
-from qarm.models.layers import (MLP, CategoricalEmbeddings, IdEmbedding, MMoE, MMoEConfig, PairwiseInnerProducts,
-                                embedding_table, required)
+from qarm.models.layers import (
+    MLP,
+    CategoricalEmbeddings,
+    IdEmbedding,
+    MMoE,
+    MMoEConfig,
+    PairwiseInnerProducts,
+    embedding_table,
+    required,
+)
 from qarm.quantize._common import check_bool, check_float, check_int, check_option
 
 HEADS = ("linear", "mmoe")
+ROUNDING = ("down", "up")
+INITS = ("torch", "xavier")
+XAVIER_EMBEDDING_STD = 1e-4  # FuxiCTR's FeatureEmbedding default
 _BLOCK_PARAMS = ("channels", "kernel_heights", "pooling", "new_features")
 
 
@@ -73,7 +86,12 @@ class FGCNNConfig:
     embedding_dim: int = 16  # k, one size for every field (the convolution needs it); small for CPU
     channels: tuple[int, ...] = (14, 16)  # c_i, convolution channels per block (DeepCTR: 14, 16, 18, 20)
     kernel_heights: tuple[int, ...] = (7, 7)  # h_i, fields one convolution window spans ('same' padding)
-    pooling: tuple[int, ...] = (2, 2)  # p_i, fields one max-pooling window spans (floor: F_i = F_{i-1} // p_i)
+    pooling: tuple[int, ...] = (2, 2)  # p_i, fields one max-pooling window spans
+    pooling_round: Literal["down", "up"] = "down"  # F_i = F_{i-1} // p_i, or ceil(F_{i-1} / p_i) (FuxiCTR's)
+    # ^ "up" keeps the fields a floor drops: the last window spans the remaining F_{i-1} mod p_i rows
+    batch_norm: bool = False  # batch-norm on each convolution's output, per channel (FuxiCTR's conv_batch_norm)
+    init: Literal["torch", "xavier"] = "torch"  # PyTorch's defaults, N(0, 0.01) embeddings; or FuxiCTR's scheme:
+    # ^ xavier-normal weights and zero biases in every nn.Linear, N(0, 1e-4) embeddings (convolutions: PyTorch's)
     new_features: tuple[int, ...] = (3, 3)  # r_i, new features per pooled row (the paper's recombination maps)
     hidden: tuple[int, ...] = (256, 128)  # the IPNN MLP, narrow: with the recombination, most of a CPU step
     dropout: float = 0.0  # in the MLP; the examples are many and the model small
@@ -95,6 +113,9 @@ class FGCNNConfig:
             if len(value) != n_blocks:
                 raise ConfigError(f"The '{param}' parameter of {name} must have one entry per block "
                                   f"(len(channels) = {n_blocks}). Got {value!r} instead.")
+        check_option(name, "pooling_round", self.pooling_round, ROUNDING)
+        check_bool(name, "batch_norm", self.batch_norm)
+        check_option(name, "init", self.init, INITS)
         check_float(name, "dropout", self.dropout, 0.0, 0.99)
         check_bool(name, "separate_embeddings", self.separate_embeddings)
         check_int(name, "recent_history", self.recent_history, 0)
@@ -105,27 +126,30 @@ class FGCNNConfig:
 
         The data-dependent check: ``n_fields`` comes from the dataset (``names`` only for the message).
         """
-        if n_fields < 2 or 0 in pooled_field_counts(n_fields, self.pooling):
-            need = max(2, math.prod(self.pooling))
+        if n_fields < 2 or 0 in pooled_field_counts(n_fields, self.pooling, self.pooling_round):
+            need = max(2, math.prod(self.pooling)) if self.pooling_round == "down" else 2
             shown = f" ({', '.join(names)})" if names else ""
             raise ConfigError(f"The 'pooling' parameter of FGCNNConfig, {tuple(self.pooling)!r}, needs at least "
                               f"{need} fields (every block must keep a row after pooling); the data gives "
                               f"{n_fields}{shown}. Use fewer blocks or smaller pooling.")
 
 
-def pooled_field_counts(n_fields: int, pooling: Sequence[int]) -> list[int]:
-    """``[F_1, ..., F_n]``: the rows after each block's pooling, ``F_i = F_{i-1} // p_i``, ``F_0 = n_fields``."""
+def pooled_field_counts(n_fields: int, pooling: Sequence[int], rounding: str = "down") -> list[int]:
+    """``[F_1, ..., F_n]``: the rows after each block's pooling, ``F_0 = n_fields`` and ``F_i = F_{i-1} // p_i``
+    (``rounding="down"``: max-pooling without padding) or ``ceil(F_{i-1} / p_i)`` (``"up"``: the last window
+    takes the rows left over, as PyTorch's ``ceil_mode`` and FuxiCTR's FGCNN)."""
     rows, out = n_fields, []
     for p in pooling:
-        rows //= p
+        rows = -(-rows // p) if rounding == "up" else rows // p
         out.append(rows)
     return out
 
 
-def generated_feature_count(n_fields: int, pooling: Sequence[int], new_features: Sequence[int]) -> int:
+def generated_feature_count(n_fields: int, pooling: Sequence[int], new_features: Sequence[int],
+                            rounding: str = "down") -> int:
     """The number of generated features, ``sum_i F_i * r_i`` with ``F_i`` the rows after ``i`` pooling steps
-    (floor division, as max-pooling without padding computes them)."""
-    return sum(rows * r for rows, r in zip(pooled_field_counts(n_fields, pooling), new_features))
+    (:func:`pooled_field_counts`)."""
+    return sum(rows * r for rows, r in zip(pooled_field_counts(n_fields, pooling, rounding), new_features))
 
 
 class FieldConvolution(nn.Module):
@@ -170,19 +194,25 @@ class FeatureGeneration(nn.Module):
     Input float ``(B, F, k)``; output ``(B, N_new, k)`` with ``N_new`` = :attr:`out_features` =
     :func:`generated_feature_count`. One Python iteration per block, none per field.
 
-    Each block is ``tanh(conv)``, max-pooling, ``tanh(dense)``. The pooling runs before the ``tanh``: tanh
-    is increasing, so ``max(tanh(z)) = tanh(max(z))`` (values and gradients), and the activation then
-    touches ``1 / p`` of the map.
+    Each block is ``tanh(conv)`` (``tanh(batch_norm(conv))`` with ``batch_norm``), max-pooling, ``tanh(dense)``.
+    The pooling runs before the ``tanh``: tanh is increasing, so ``max(tanh(z)) = tanh(max(z))`` (values and
+    gradients), and the activation then touches ``1 / p`` of the map. Rounding up (``rounding="up"``), the
+    rows past the last full window are pooled on their own (the map is padded with ``-inf`` rows after them).
+    The batch-norm (``nn.BatchNorm2d`` on FuxiCTR's ``(B, c, F, k)`` maps) normalises each channel over the
+    examples, fields and embedding columns: a ``BatchNorm1d`` on the ``(B k F, c)`` channels-last rows, on
+    the whole map before the pooling.
     """
 
     def __init__(self, n_fields: int, dim: int, channels: Sequence[int], kernel_heights: Sequence[int],
-                 pooling: Sequence[int], new_features: Sequence[int]) -> None:
+                 pooling: Sequence[int], new_features: Sequence[int], rounding: str = "down",
+                 batch_norm: bool = False) -> None:
         super().__init__()
-        self.rows = pooled_field_counts(n_fields, pooling)
+        self.rows = pooled_field_counts(n_fields, pooling, rounding)
         self.pooling, self.new_features, self.dim = tuple(pooling), tuple(new_features), dim
         in_rows, in_channels = [n_fields, *self.rows[:-1]], [1, *channels[:-1]]
         self.convs = nn.ModuleList(FieldConvolution(n, c_in, c, h)
                                    for n, c_in, c, h in zip(in_rows, in_channels, channels, kernel_heights))
+        self.norms = nn.ModuleList(nn.BatchNorm1d(c) if batch_norm else nn.Identity() for c in channels)
         self.recombine = nn.ModuleList(nn.Linear(rows * dim * c, rows * r * dim)
                                        for rows, c, r in zip(self.rows, channels, new_features))
         self.out_features = sum(rows * r for rows, r in zip(self.rows, new_features))
@@ -191,9 +221,15 @@ class FeatureGeneration(nn.Module):
         b = fields.shape[0]
         maps = fields.transpose(1, 2).unsqueeze(-1)  # (B, k, F, 1): one column of F rows per dimension
         generated = []
-        for conv, dense, p, rows, r in zip(self.convs, self.recombine, self.pooling, self.rows, self.new_features):
-            windows = conv(maps)[:, :, :rows * p].unflatten(2, (rows, p)).unbind(3)  # p x (B, k, F_i, c_i)
-            maps = torch.tanh(functools.reduce(_larger, windows))  # max-pool p x 1 (floor), then tanh
+        for conv, norm, dense, p, rows, r in zip(self.convs, self.norms, self.recombine, self.pooling, self.rows,
+                                                 self.new_features):
+            z = conv(maps)  # (B, k, F_{i-1}, c_i)
+            z = norm(z.flatten(0, 2)).view_as(z)  # per channel (identity without batch_norm)
+            # rows * p rows: a floor drops the rows past the last full window, a ceil pads -inf rows after them
+            z = z[:, :, :rows * p] if rows * p <= z.shape[2] else F.pad(z, (0, 0, 0, rows * p - z.shape[2]),
+                                                                           value=-math.inf)
+            windows = z.unflatten(2, (rows, p)).unbind(3)  # p x (B, k, F_i, c_i)
+            maps = torch.tanh(functools.reduce(_larger, windows))  # max-pool p x 1, then tanh
             generated.append(torch.tanh(dense(maps.flatten(1))).view(b, rows * r, self.dim))
         return torch.cat(generated, dim=1)
 
@@ -211,7 +247,7 @@ class FGCNNNetwork(nn.Module):
         config.check_fields(n_fields, field_names)
         c = config
         self.generation = FeatureGeneration(n_fields, c.embedding_dim, c.channels, c.kernel_heights, c.pooling,
-                                            c.new_features)
+                                            c.new_features, c.pooling_round, c.batch_norm)
         n_all = n_fields + self.generation.out_features
         self.products = PairwiseInnerProducts(n_all)
         self.mlp = MLP(n_all * c.embedding_dim + self.products.out_features, c.hidden, dropout=c.dropout)
@@ -251,6 +287,8 @@ class FGCNN(nn.Module):
         self.generation_embedding = CategoricalEmbeddings(field_sizes, c.embedding_dim) \
             if c.separate_embeddings else None
         self.network = FGCNNNetwork(self.n_fields, n_tasks, c)
+        if c.init == "xavier":
+            xavier_init(self)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         shape = (codes.shape[0], self.n_fields, self.config.embedding_dim)
@@ -322,11 +360,29 @@ class FGCNNRanker(nn.Module):
         self.generation_fields = RankingFields(spec, tables, c.embedding_dim, c.recent_history) \
             if c.separate_embeddings else None
         self.network = FGCNNNetwork(len(self.fields.names), len(spec.tasks), c, self.fields.names)
+        if c.init == "xavier":
+            xavier_init(self)
 
     def forward(self, batch: RankingBatch) -> torch.Tensor:
         fields = self.fields(batch)
         generation = fields if self.generation_fields is None else self.generation_fields(batch)
         return self.network(fields, generation)
+
+
+def xavier_init(model: nn.Module) -> None:
+    """FuxiCTR's initialisation (``BaseModel.reset_parameters``, ``FeatureEmbedding``): every ``nn.Linear``
+    xavier-normal with a zero bias, every embedding table N(0, 1e-4) (a padding row stays zero); the
+    convolutions keep ``nn.Conv2d``'s default, as in FuxiCTR (its reset covers Linear and Conv1d only)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_normal_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=XAVIER_EMBEDDING_STD)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
 
 
 def _larger(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -157,6 +157,11 @@ class MMoEConfig:
 class MMoE(nn.Module):
     """Multi-gate mixture of experts: shared experts, one softmax gate and one tower per task.
 
+    The experts' first layers are one fused ``Linear(in_dim, E * H)`` (one GEMM instead of E; the
+    experts' inputs are all the same ``x``), their further layers one batched matmul. The fused weights
+    are initialised exactly as E separate ``nn.Linear`` experts built in turn would be, so a seed gives
+    the same initial model as the unfused layout.
+
     Input ``(B, in_dim)``, output logits ``(B, T)``.
     """
 
@@ -164,15 +169,41 @@ class MMoE(nn.Module):
         super().__init__()
         config = config or MMoEConfig()
         self.n_tasks, self.n_experts = n_tasks, config.n_experts
-        self.experts = nn.ModuleList(MLP(in_dim, config.expert_hidden, dropout=config.dropout)
-                                     for _ in range(config.n_experts))
+        hidden = list(config.expert_hidden)
+        # Build the experts as separate MLPs (the RNG draws of the unfused layout), then fuse their weights.
+        separate = [MLP(in_dim, hidden) for _ in range(config.n_experts)]
+        linears = [[m for m in mlp if isinstance(m, nn.Linear)] for mlp in separate]
+        rng = torch.random.get_rng_state()  # the fused layer's own init draws nothing: later layers' stay
+        self.expert_in = nn.Linear(in_dim, config.n_experts * hidden[0])
+        torch.random.set_rng_state(rng)
+        with torch.no_grad():
+            self.expert_in.weight.copy_(torch.cat([layers[0].weight for layers in linears], dim=0))
+            self.expert_in.bias.copy_(torch.cat([layers[0].bias for layers in linears], dim=0))
+        self.expert_weights = nn.ParameterList(
+            nn.Parameter(torch.stack([layers[i].weight.detach().t() for layers in linears]).contiguous())
+            for i in range(1, len(hidden)))  # (E, H_in, H_out) each
+        self.expert_biases = nn.ParameterList(
+            nn.Parameter(torch.stack([layers[i].bias.detach() for layers in linears]).unsqueeze(1).contiguous())
+            for i in range(1, len(hidden)))  # (E, 1, H_out) each
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.hidden = hidden
         self.gates = nn.Linear(in_dim, n_tasks * config.n_experts)  # all tasks' gates in one matmul
-        width = config.expert_hidden[-1]
+        width = hidden[-1]
         self.towers = nn.ModuleList(MLP(width, config.tower_hidden, out_dim=1, dropout=config.dropout)
                                     for _ in range(n_tasks))
 
+    def experts(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert's output: ``(B, E, H)``."""
+        h = self.dropout(torch.relu(self.expert_in(x))).view(-1, self.n_experts, self.hidden[0])  # (B, E, H0)
+        if len(self.expert_weights):
+            h = h.transpose(0, 1)  # (E, B, H)
+            for weight, bias in zip(self.expert_weights, self.expert_biases):
+                h = self.dropout(torch.relu(torch.baddbmm(bias, h, weight)))
+            h = h.transpose(0, 1)
+        return h
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        experts = torch.stack([expert(x) for expert in self.experts], dim=1)  # (B, E, H)
+        experts = self.experts(x)  # (B, E, H)
         gates = self.gates(x).view(-1, self.n_tasks, self.n_experts).softmax(dim=-1)  # (B, T, E)
         mixed = torch.bmm(gates, experts)  # (B, T, H)
         return torch.cat([tower(mixed[:, t]) for t, tower in enumerate(self.towers)], dim=1)  # (B, T)
@@ -396,9 +427,13 @@ class CodeMatchingSequences(nn.Module):
         """
         b, levels = target_codes.shape
         slot, level = self.matches(target_codes, history_codes, row, self.length)
-        keys, example = history[slot], row[slot]  # (Q, D), (Q,)
-        weight = self.attention.weights(target, keys, example)  # (Q, 1): queries are computed once per row
-        pooled = target.new_zeros(b * levels, target.shape[1]).index_add(0, example * levels + level, weight * keys)
+        # A slot's weight depends on (target, slot) only, not on the level: weigh each slot once, however
+        # many levels it enters (``slot`` is sorted, so its repeats are consecutive).
+        unique, inverse = torch.unique_consecutive(slot, return_inverse=True)  # (U,), (Q,)
+        keys, example = history[unique], row[unique]  # (U, D), (U,)
+        weighted = self.attention.weights(target, keys, example) * keys  # (U, D): queries once per row
+        pooled = target.new_zeros(b * levels, target.shape[1]).index_add(
+            0, row[slot] * levels + level, weighted[inverse])
         return pooled.view(b, levels, -1)
 
 

@@ -20,6 +20,7 @@ Shapes (B examples, n history slots, L RQ levels, m = match_length, T tasks)::
     history               e(h_1..h_n), most recent first, packed                        (P, D_item)
     interest              DIN(target, history)                                          (B, D_item)
     code matching         DIN(target, latest m of history with target's l-prefix)       (B, L, D_item)
+    (with ``sequence_dim = d``: history, interest and code matching on ``W e(i)``, width d instead of D_item)
     input                 [target | interest | code matching (flat) | user id | user side | category]
     logits                MMoE(input)                                                   (B, T)
 """
@@ -57,6 +58,11 @@ class QARMConfig:
     vq_k: int | None = None  # first k of the stored K codes (the nearest); None: all (the paper: 25)
     code_dim: int = 32  # embedding size of a VQ or RQ code (ablation: 16 / 32 / 64)
     match_length: int = 10  # items per code-matching sequence: the latest few per level suffice
+    sequence_dim: int | None = None
+    """Width of the items in the history attention and the code-matching sequences. None: the full item
+    representation (``D_item``, the paper's layout). An int ``d`` projects every item once to ``d`` (one
+    learned linear map, per distinct item of the batch) for the sequences only: the attentions and the
+    head's input shrink, the target keeps its full representation."""
     side_dim: int = 8  # each user side feature and the category
     attention_hidden: tuple[int, ...] = (64, 32)  # DIN's activation unit, shared size for all attentions
     head: MMoEConfig = field(default_factory=MMoEConfig)
@@ -65,6 +71,7 @@ class QARMConfig:
         check_option("QARMConfig", "vector", self.vector, VECTORS)
         for name in ("id_dim", "vector_dim", "code_dim", "match_length", "side_dim"):
             check_int("QARMConfig", name, getattr(self, name), 1)
+        check_int("QARMConfig", "sequence_dim", self.sequence_dim, 1, none_ok=True)
         check_int("QARMConfig", "vq_k", self.vq_k, 1, none_ok=True)
         for name in ("use_vq", "use_rq", "use_code_matching"):
             check_bool("QARMConfig", name, getattr(self, name))
@@ -96,18 +103,20 @@ class QARMRanker(nn.Module):
         item_dim = c.id_dim + (c.vector_dim if self.vector is not None else 0) \
             + (c.code_dim if self.vq is not None else 0) + (c.code_dim if self.rq is not None else 0)
         # User side: the history against the target, the code-matching sequences, ID and side features.
-        self.interest = TargetAttention(item_dim, c.attention_hidden)
+        self.sequence_project = nn.Linear(item_dim, c.sequence_dim) if c.sequence_dim is not None else None
+        seq_dim = c.sequence_dim if c.sequence_dim is not None else item_dim
+        self.interest = TargetAttention(seq_dim, c.attention_hidden)
         self.code_matching = None
         if c.use_code_matching:
-            self.code_matching = CodeMatchingSequences(item_dim, c.match_length, c.attention_hidden)
+            self.code_matching = CodeMatchingSequences(seq_dim, c.match_length, c.attention_hidden)
             self.register_buffer("rq_codes", torch.as_tensor(tables.rq, dtype=torch.int64), persistent=False)
         self.user_id = embedding_table(spec.n_users, c.id_dim)
         self.user_side = CategoricalEmbeddings([s for _, s in spec.user_features], c.side_dim) \
             if spec.user_features else None
         self.category = embedding_table(spec.n_categories, c.side_dim) if spec.n_categories else None
         # Head.
-        n_sequences = 2 + (tables.rq_levels if self.code_matching is not None else 0)  # target, interest, L
-        in_dim = n_sequences * item_dim + c.id_dim \
+        n_sequences = 1 + (tables.rq_levels if self.code_matching is not None else 0)  # interest, L levels
+        in_dim = item_dim + n_sequences * seq_dim + c.id_dim \
             + (self.user_side.out_features if self.user_side is not None else 0) \
             + (c.side_dim if self.category is not None else 0)
         self.head = MMoE(in_dim, len(spec.tasks), c.head)
@@ -120,15 +129,27 @@ class QARMRanker(nn.Module):
                 parts.append(part(items))
         return torch.cat(parts, dim=-1)
 
+    def embed_for_sequences(self, items: torch.Tensor) -> torch.Tensor:
+        """``[e(i) | W e(i)]``: the representation and its sequence projection, (N, D_item + d)."""
+        full = self.embed_items(items)
+        assert self.sequence_project is not None
+        return torch.cat([full, self.sequence_project(full)], dim=-1)
+
     def forward(self, batch: RankingBatch) -> torch.Tensor:
         mask = batch.history_mask  # (B, n)
         row = pack(mask)  # only filled history slots are computed: (P,) rows
         items = batch.history[mask]  # (P,) packed history items, row by row, most recent first
-        target, history = embed_unique(self.embed_items, batch.item, items)  # (B, D), (P, D)
-        parts = [target, self.interest(target, history, row)]
+        if self.sequence_project is None:
+            target, history = embed_unique(self.embed_items, batch.item, items)  # (B, D), (P, D)
+            query = target
+        else:  # the projection runs once per distinct item, like the rest of the representation
+            both, history_both = embed_unique(self.embed_for_sequences, batch.item, items)
+            width = both.shape[1] - self.sequence_project.out_features
+            target, query, history = both[:, :width], both[:, width:], history_both[:, width:]  # (B, D), (B, d), (P, d)
+        parts = [target, self.interest(query, history, row)]
         if self.code_matching is not None:
             codes = self.rq_codes  # (n_items, L)
-            matched = self.code_matching(target, history, row, codes[batch.item], codes[items])  # (B, L, D)
+            matched = self.code_matching(query, history, row, codes[batch.item], codes[items])  # (B, L, d)
             parts.append(matched.flatten(1))
         parts.append(self.user_id(batch.user))
         if self.user_side is not None:

@@ -93,6 +93,7 @@ class AblationConfig:
 
     studies: tuple[str, ...] = ("table1", "k", "d", "groups")
     rows: tuple[str, ...] | None = None  # Table 1 rows to train (None: all); e.g. ID-only, Baseline, + VQ & RQ
+    leaderboard_rows: tuple[str, ...] | None = None  # leaderboard rows to train (None: all); e.g. without EM3
     seeds: tuple[int, ...] = (0, 1, 2)  # mean +- std over these
     ks: tuple[int, ...] = (5, 10, 15, 20, 25)  # Table 7: VQ codes used (<= the K stored)
     code_dims: tuple[int, ...] = (16, 32, 64)  # Table 8: code embedding size
@@ -124,6 +125,12 @@ class AblationConfig:
             if bad or not self.rows:
                 raise ConfigError(f"The 'rows' parameter of AblationConfig must name some of {list(TABLE1)}. "
                                   f"Got {list(self.rows)!r} instead.")
+        if self.leaderboard_rows is not None:
+            self.leaderboard_rows = tuple(self.leaderboard_rows)
+            bad = [r for r in self.leaderboard_rows if r not in LEADERBOARD]
+            if bad or not self.leaderboard_rows:
+                raise ConfigError(f"The 'leaderboard_rows' parameter of AblationConfig must name some of "
+                                  f"{list(LEADERBOARD)}. Got {list(self.leaderboard_rows)!r} instead.")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"The 'seeds' parameter of AblationConfig has repeats: {list(self.seeds)}")
         if any(k < 1 for k in self.ks) or any(d < 1 for d in self.code_dims):
@@ -163,6 +170,8 @@ class AblationConfig:
                for name, (model, switches) in rows.items()}
         if "leaderboard" in self.studies:
             for name, ref in LEADERBOARD.items():
+                if self.leaderboard_rows is not None and name not in self.leaderboard_rows:
+                    continue
                 if ref in TABLE1:
                     model, switches = TABLE1[ref]
                     out[name] = (model, _drop_defaults(model, {**self._shared(model), **switches}))

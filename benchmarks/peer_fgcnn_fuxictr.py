@@ -1,0 +1,352 @@
+"""qarm's FGCNN against FuxiCTR's own FGCNN on Frappe: test AUC, log loss, training speed, peak memory.
+
+    python benchmarks/peer_fgcnn_fuxictr.py --fuxictr-repo /path/to/FuxiCTR                      # 3 seeds
+    FUXICTR_REPO=/path/to/FuxiCTR python benchmarks/peer_fgcnn_fuxictr.py --seeds 0 --epochs 1  # a quick look
+
+**The peer** is FuxiCTR's FGCNN, unmodified: ``model_zoo/FGCNN/src`` of a local clone of
+https://github.com/reczoo/FuxiCTR (``--fuxictr-repo`` or ``$FUXICTR_REPO``; it is never copied into this
+project), on the ``fuxictr`` package (2.3.10, the ``bench`` extra: ``pip install -c constraints.txt -e
+".[bench]"``) for its layers, ``FeatureMap``, ``NpzDataLoader`` and ``BaseModel.fit`` / ``predict``. Skips
+with a message (exit 0) when the clone, the package or ``../shared/data/frappe_nfm_partial`` is absent.
+
+**Protocol** (``_frappe.py``, shared with ``peer_fgcnn_frappe.py``): the validation file split 80/20
+(``--split-seed``), field codes from the training 80%, the same integer matrix for both models. Same seeds,
+embedding size, batch size, ``--epochs`` epochs, Adam (lr 1e-3), no regularisation, the FGCNN sizes of
+``_frappe.SETTINGS`` (FuxiCTR: ``channels``, ``kernel_heights``, ``pooling_sizes``, ``recombined_channels``,
+``dnn_hidden_units``). Both pool with rounding up (10 -> 5 -> 3 -> 2 fields, 30 generated features). No
+early stop: FuxiCTR's ``early_stop_patience`` is set past the epoch count. Conv batch-norm off by default
+(``--batch-norm`` turns it on in both; FuxiCTR's own default is on). After each epoch both score the 20%
+holdout: the best-AUC epoch is kept, and an epoch without a better AUC divides the learning rate by 10
+(FuxiCTR's ``fit``: ``reduce_lr_on_plateau``, min 1e-6; qarm's loop: ``torch.optim.lr_scheduler.
+ReduceLROnPlateau`` set the same way, ``--no-lr-decay`` to drop it). The kept epoch is scored on the test file
+(``sklearn.metrics.roc_auc_score``, ``log_loss``). Both clip the gradient norm at 10 (FuxiCTR's ``fit``;
+qarm's loop: ``--qarm-clip``). qarm's FGCNN uses FuxiCTR's initialisation (``FGCNNConfig(init="xavier")``,
+``--qarm-init``). Evaluation runs in batches of ``--batch-size`` for both (FuxiCTR's loaders use one size).
+
+**Measured.** Each (model, seed) runs in its own fresh process on one torch thread (FuxiCTR's loader with
+``num_workers=0``, so no second process does its batching):
+
+* ``fit ex/s``: training examples per second of each library's own training loop (FuxiCTR: one ``fit`` call
+  over all epochs, minus the time of its per-epoch ``eval_step``: holdout scoring, checkpoint, lr decay;
+  qarm: a plain loop over index-sliced batches), holdout evaluation excluded for both;
+* ``peak RSS``: the process's resident memory sampled every 5 ms from before the model is built to the end
+  of training and testing, minus the value before (psutil RSS; tracemalloc does not see torch's tensors);
+* ``parameters``: trainable parameter count.
+
+The machine is shared (other jobs run on the same cores): the load average is printed beside the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _frappe import (
+    FOLDER,
+    SETTINGS,
+    PeakRSS,
+    common_args,
+    data_info,
+    frappe_folder,
+    load,
+    load_text,
+    machine,
+    medians,
+    parser,
+    run_workers,
+)
+
+MODELS = ("qarm_fgcnn", "fuxictr_fgcnn")
+METRICS = ("test_auc", "test_logloss", "fit_examples_per_s", "peak_rss_mib", "parameters")
+LR, MIN_LR, DECAY = 1e-3, 1e-6, 0.1  # FuxiCTR's BaseModel.lr_decay(factor=0.1, min_lr=1e-6)
+
+
+def fuxictr_repo(args: argparse.Namespace) -> Path | None:
+    path = args.fuxictr_repo or os.environ.get("FUXICTR_REPO")
+    if not path:
+        return None
+    source = Path(path).expanduser() / "model_zoo" / "FGCNN" / "src"
+    return source.parent.parent.parent if (source / "__init__.py").is_file() else None
+
+
+def fuxictr_fgcnn_class(repo: Path):
+    """``FGCNN`` from the clone's ``model_zoo/FGCNN/src``, imported as a package of its own name."""
+    source = repo / "model_zoo" / "FGCNN" / "src"
+    spec = importlib.util.spec_from_file_location("fuxictr_model_zoo_fgcnn", source / "__init__.py",
+                                                  submodule_search_locations=[str(source)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.FGCNN
+
+
+# -- qarm --------------------------------------------------------------------------------------------
+
+
+def run_qarm(data: dict[str, np.ndarray], seed: int, args: argparse.Namespace) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from qarm.models.fgcnn import FGCNN, FGCNNConfig
+
+    def predict(model, codes: np.ndarray) -> np.ndarray:
+        model.eval()
+        with torch.no_grad():
+            out = torch.cat([torch.sigmoid(model(torch.from_numpy(codes[s:s + args.batch_size])))[:, 0]
+                             for s in range(0, len(codes), args.batch_size)])
+        model.train()
+        return out.double().numpy()
+
+    torch.manual_seed(seed)
+    config = FGCNNConfig(embedding_dim=args.dim, pooling_round="up", batch_norm=args.batch_norm, init=args.qarm_init,
+                         **SETTINGS)
+    model = FGCNN([int(s) for s in data["sizes"]], 1, config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR, fused=True)  # as qarm's trainer
+    decay = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=DECAY, patience=0,
+                                                       threshold=1e-6, threshold_mode="abs", min_lr=MIN_LR)
+    codes, labels = torch.from_numpy(data["train"]), torch.from_numpy(data["y_train"])
+    train_seconds, history, lrs, best = 0.0, [], [], (-1.0, -1, None)
+    for epoch in range(args.epochs):
+        start = time.perf_counter()
+        order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(len(codes)))
+        for rows in order.split(args.batch_size):
+            loss = F.binary_cross_entropy_with_logits(model(codes[rows])[:, 0], labels[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.qarm_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.qarm_clip)
+            optimizer.step()
+        train_seconds += time.perf_counter() - start
+        auc = float(roc_auc(data["y_holdout"], predict(model, data["holdout"])))
+        history.append(round(auc, 5))
+        lrs.append(optimizer.param_groups[0]["lr"])
+        if auc > best[0] + 1e-6:
+            best = (auc, epoch, copy.deepcopy(model.state_dict()))
+        if not args.no_lr_decay:
+            decay.step(auc)
+    model.load_state_dict(best[2])
+    return {"scores": predict(model, data["test"]), "train_seconds": train_seconds, "holdout_auc": history,
+            "lr": lrs, "best_epoch": best[1] + 1, "model": model, "generated_features": model.network.n_generated}
+
+
+# -- FuxiCTR -----------------------------------------------------------------------------------------
+
+
+def run_fuxictr(data: dict[str, np.ndarray], seed: int, args: argparse.Namespace, tmp: Path) -> dict:
+    from fuxictr.features import FeatureMap
+    from fuxictr.pytorch.dataloaders import RankDataLoader
+    from fuxictr.pytorch.torch_utils import seed_everything
+
+    FGCNN = fuxictr_fgcnn_class(fuxictr_repo(args))
+    n_fields = data["train"].shape[1]
+    names = [f"f{i}" for i in range(n_fields)]
+    feature_map = FeatureMap("frappe", str(tmp))
+    feature_map.features.update((name, {"source": "", "type": "categorical", "vocab_size": int(size)})
+                                for name, size in zip(names, data["sizes"]))
+    feature_map.labels = ["label"]
+    feature_map.num_fields = feature_map.get_num_fields()
+    feature_map.set_column_index()
+    paths = {}
+    for split in ("train", "holdout", "test"):
+        paths[split] = str(tmp / f"{split}.npz")
+        np.savez(paths[split], label=data[f"y_{split}"], **{n: data[split][:, i] for i, n in enumerate(names)})
+
+    seed_everything(seed)
+    model = FGCNN(feature_map, model_id=f"FGCNN_seed{seed}", gpu=-1, learning_rate=LR, embedding_dim=args.dim,
+                  channels=list(SETTINGS["channels"]), kernel_heights=list(SETTINGS["kernel_heights"]),
+                  pooling_sizes=list(SETTINGS["pooling"]), recombined_channels=list(SETTINGS["new_features"]),
+                  conv_batch_norm=args.batch_norm, dnn_hidden_units=list(SETTINGS["hidden"]),
+                  embedding_regularizer=0, net_regularizer=0, net_dropout=0, optimizer="adam",
+                  loss="binary_crossentropy", metrics=["AUC", "logloss"], monitor="AUC", monitor_mode="max",
+                  early_stop_patience=args.epochs + 1, reduce_lr_on_plateau=not args.no_lr_decay,
+                  model_root=str(tmp / "checkpoints"), verbose=0)
+    os.makedirs(model.model_dir, exist_ok=True)
+    train_gen, valid_gen, test_gen = RankDataLoader(feature_map, stage="both", train_data=paths["train"],
+                                                    valid_data=paths["holdout"], test_data=paths["test"],
+                                                    batch_size=args.batch_size, shuffle=True, num_workers=0)
+    eval_seconds, history, lrs = [0.0], [], []
+    eval_step, evaluate = model.eval_step, model.evaluate
+
+    def timed_eval_step() -> None:  # holdout scoring, checkpoint, lr decay: not training time
+        start = time.perf_counter()
+        eval_step()
+        lrs.append(model.optimizer.param_groups[0]["lr"])
+        eval_seconds[0] += time.perf_counter() - start
+
+    def recorded_evaluate(*a, **k) -> dict:
+        logs = evaluate(*a, **k)
+        history.append(float(logs["AUC"]))
+        return logs
+
+    model.eval_step, model.evaluate = timed_eval_step, recorded_evaluate
+    start = time.perf_counter()
+    model.fit(train_gen, epochs=args.epochs, validation_data=valid_gen)  # ends by loading the best checkpoint
+    train_seconds = time.perf_counter() - start - eval_seconds[0]
+    total = model.compute_input_dim(args.dim, n_fields, list(SETTINGS["channels"]), list(SETTINGS["pooling"]),
+                                    list(SETTINGS["new_features"]))[1]
+    best, best_epoch = -np.inf, 0
+    for epoch, auc in enumerate(history):  # the checkpoint fit keeps: better by more than its min_delta, 1e-6
+        if auc >= best + 1e-6:
+            best, best_epoch = auc, epoch + 1
+    return {"scores": model.predict(test_gen), "train_seconds": train_seconds,
+            "holdout_auc": [round(a, 5) for a in history], "lr": lrs, "best_epoch": best_epoch, "model": model,
+            "generated_features": total - n_fields}
+
+
+# -- one (model, seed) in its own process ------------------------------------------------------------
+
+
+def roc_auc(y: np.ndarray, scores: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, scores))
+
+
+def worker(name: str, seed: int, args: argparse.Namespace) -> dict:
+    import torch
+    from sklearn.metrics import log_loss
+
+    torch.set_num_threads(1)
+    data = load(args.split_seed)
+    if name == "fuxictr_fgcnn":
+        import fuxictr.pytorch.models  # noqa: F401 - imported before the memory baseline, like qarm's modules
+    import qarm.models.fgcnn  # noqa: F401
+    with tempfile.TemporaryDirectory() as tmp, PeakRSS() as memory:
+        out = run_qarm(data, seed, args) if name == "qarm_fgcnn" else run_fuxictr(data, seed, args, Path(tmp))
+    scores, model = out.pop("scores"), out.pop("model")
+    return {"model": name, "seed": seed, "test_auc": roc_auc(data["y_test"], scores),
+            "test_logloss": float(log_loss(data["y_test"], np.clip(scores, 1e-7, 1 - 1e-7))),
+            "fit_examples_per_s": len(data["train"]) * args.epochs / out["train_seconds"],
+            "peak_rss_mib": memory.delta_mib,
+            "parameters": int(sum(p.numel() for p in model.parameters() if p.requires_grad)), **out}
+
+
+# -- the whole run -----------------------------------------------------------------------------------
+
+
+def main() -> int:
+    p = parser(__doc__, MODELS)
+    p.add_argument("--fuxictr-repo", type=Path, help="a clone of reczoo/FuxiCTR (default: $FUXICTR_REPO)")
+    p.add_argument("--batch-norm", action="store_true", help="conv batch-norm on, in both models")
+    p.add_argument("--no-lr-decay", action="store_true", help="no lr decay on plateau, in both models")
+    p.add_argument("--qarm-clip", type=float, default=10.0,
+                   help="clip qarm's gradient norm at this value, as FuxiCTR's fit (max_gradient_norm=10); 0: off")
+    p.add_argument("--qarm-init", choices=("torch", "xavier"), default="xavier",
+                   help="qarm's FGCNNConfig.init (xavier: FuxiCTR's scheme)")
+    p.add_argument("--name", default="peer_fgcnn_fuxictr", help="results file names (.md, .json) under --out")
+    args = p.parse_args()
+
+    if args.worker:
+        args.result.write_text(json.dumps(worker(args.worker, args.seed, args)))
+        return 0
+
+    if frappe_folder() is None:
+        print(f"SKIPPED: ../shared/data/{FOLDER} is absent (set QARM_SHARED_DATA to the shared data folder).")
+        return 0
+    repo = fuxictr_repo(args)
+    if repo is None:
+        print("SKIPPED: no FuxiCTR clone: pass --fuxictr-repo PATH or set FUXICTR_REPO to a clone of "
+              "https://github.com/reczoo/FuxiCTR (it needs model_zoo/FGCNN/src).")
+        return 0
+    try:
+        import fuxictr.pytorch.models  # noqa: F401
+    except ImportError as err:
+        print(f'SKIPPED: the fuxictr package is not installed or broken ({err}); pip install -c constraints.txt '
+              f'-e ".[bench]".')
+        return 0
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    data = load(args.split_seed)
+    commit = _git_head(repo)
+    info = {"machine": machine(["fuxictr"]), "data": data_info(data),
+            "config": {"embedding_dim": args.dim, "batch_size": args.batch_size, "epochs": args.epochs,
+                       "optimizer": f"Adam lr {LR:g}", "selection": "best holdout AUC epoch",
+                       "lr_decay": None if args.no_lr_decay else f"x{DECAY:g} per epoch without a better "
+                                                                 f"holdout AUC, min {MIN_LR:g}",
+                       "batch_norm": args.batch_norm, "pooling": "round up", "qarm_init": args.qarm_init,
+                       "qarm_clip_grad_norm": args.qarm_clip, "split_seed": args.split_seed,
+                       "seeds": seeds, "fgcnn": SETTINGS, "fuxictr_repo": str(repo), "fuxictr_commit": commit}}
+    print(json.dumps(info, indent=1))
+    worker_args = [*common_args(args), "--fuxictr-repo", str(repo), "--qarm-init", args.qarm_init,
+                   "--qarm-clip", str(args.qarm_clip),
+                   *(["--batch-norm"] if args.batch_norm else []), *(["--no-lr-decay"] if args.no_lr_decay else [])]
+    runs = run_workers(__file__, MODELS, seeds, worker_args,
+                       lambda run: f"test AUC {run['test_auc']:.4f}  logloss {run['test_logloss']:.4f}  "
+                                   f"fit {run['fit_examples_per_s']:,.0f} ex/s  peak RSS +{run['peak_rss_mib']:.0f} "
+                                   f"MiB  {run['parameters']:,} parameters  best epoch {run['best_epoch']}")
+    summary = summarise(runs)
+    report = {**info, "runs": runs, "summary": summary, "load_average_end": list(os.getloadavg())}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    markdown = to_markdown(report)
+    (args.out / f"{args.name}.md").write_text(markdown)
+    print(markdown)
+    return 0
+
+
+def _git_head(repo: Path) -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def summarise(runs: list[dict]) -> dict:
+    med = medians(runs, MODELS, METRICS)
+    q, f = med["qarm_fgcnn"], med["fuxictr_fgcnn"]
+    ratios = {k: q[k] / f[k] for k in METRICS}
+    goal = {"auc_at_least_fuxictr": q["test_auc"] >= f["test_auc"],
+            "logloss_at_most_fuxictr": q["test_logloss"] <= f["test_logloss"],
+            "fit_speed_at_least_2x": ratios["fit_examples_per_s"] >= 2.0,
+            "peak_memory_at_most_fuxictr": q["peak_rss_mib"] <= f["peak_rss_mib"]}
+    return {"medians": med, "ratios_qarm_over_fuxictr": ratios, "goal": goal}
+
+
+def to_markdown(report: dict) -> str:
+    s, m, d, c = report["summary"], report["machine"], report["data"], report["config"]
+    start_load = load_text(m["load_average"])
+    lines = ["# qarm FGCNN vs FuxiCTR's FGCNN on Frappe", "",
+             (f"Machine: {m['platform']}, {m['cpu_count']} CPUs, shared with other jobs (load average "
+              f"{start_load} at the start, {load_text(report['load_average_end'])} at the end), Python "
+              f"{m['python']}, torch {m['torch']}, fuxictr {m['fuxictr']} (FGCNN from model_zoo of "
+              f"reczoo/FuxiCTR {str(c['fuxictr_commit'])[:10]}), 1 torch thread per run."),
+             (f"Data: Frappe, train {d['train']:,} / holdout {d['holdout']:,} (80/20 of the validation file, split "
+              f"seed {c['split_seed']}), test {d['test']:,}; {d['fields']} fields."),
+             (f"Config: embedding {c['embedding_dim']}, batch {c['batch_size']}, {c['epochs']} epochs, no early stop, "
+              f"best holdout AUC epoch kept; Adam lr 1e-3, lr decay: {c['lr_decay']}; conv batch-norm "
+              f"{'on' if c['batch_norm'] else 'off'}; pooling rounds up; FGCNN {c['fgcnn']}; seeds {c['seeds']}."),
+             "",
+             ("| model | seed | test AUC | test logloss | fit ex/s | peak RSS (MiB) | parameters | best epoch "
+              "| load after |"),
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(report["runs"], key=lambda r: (r["model"], r["seed"])):
+        lines.append(f"| {r['model']} | {r['seed']} | {r['test_auc']:.4f} | {r['test_logloss']:.4f} | "
+                     f"{r['fit_examples_per_s']:,.0f} | {r['peak_rss_mib']:.0f} | {r['parameters']:,} | "
+                     f"{r['best_epoch']} | {r['load_average_after'][0]:.2f} |")
+    for name, v in s["medians"].items():
+        lines.append(f"| **{name}** | median | {v['test_auc']:.4f} | {v['test_logloss']:.4f} | "
+                     f"{v['fit_examples_per_s']:,.0f} | {v['peak_rss_mib']:.0f} | {v['parameters']:,.0f} | | |")
+    r = s["ratios_qarm_over_fuxictr"]
+    lines.append(f"| **qarm / FuxiCTR** | median | {r['test_auc']:.4f} | {r['test_logloss']:.3f} | "
+                 f"{r['fit_examples_per_s']:.2f}x | {r['peak_rss_mib']:.2f}x | {r['parameters']:.3f} | | |")
+    lines += ["", f"Goal (AUC >= FuxiCTR, logloss <= FuxiCTR, fit speed >= 2x, peak RSS <= FuxiCTR): {s['goal']}", "",
+              ("fit ex/s: each library's own training loop (FuxiCTR: `fit` minus its per-epoch `eval_step`), "
+               "holdout scoring excluded. Peak RSS: resident memory above the worker's value before the model is "
+               "built (psutil, 5 ms sampling). Load after: the 1-minute load average after the run."), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,6 +14,7 @@ from qarm.data.negatives import (
     sample_excluding,
     sampling_weights,
     training_counts,
+    training_rates,
 )
 from qarm.data.prepare import PrepareConfig, prepare_dataset
 from qarm.data.schema import DatasetMeta
@@ -236,3 +237,24 @@ def test_bad_split_config(kwargs, message):
 def test_bad_negative_config():
     with pytest.raises(ConfigError, match=r"'ratio' parameter of NegativeConfig must be an int >= 1\. Got 0"):
         NegativeConfig(ratio=0)
+
+
+def test_training_counts_become_rates_when_items_are_created_during_training():
+    # train spans t = 0 .. 100; item 0 exists from the start (created -5), item 1 from t = 50, item 2 from
+    # t = 99.5 (floored at 1% of the span), item 3 has no creation time (always existed).
+    ds = implicit_dataset(time_unit="seconds")
+    ds = split_dataset(ds, SplitConfig(cold_item_fraction=0.0))
+    inter = ds.interactions
+    train = (inter[S.SPLIT].astype(str) == "train").to_numpy()
+    times = inter[S.TIME].to_numpy()[train]
+    start, end = times.min(), times.max()
+    created = np.full(ds.n_items, np.nan)
+    created[[0, 1, 2]] = [start - 5, start + (end - start) / 2, end - 0.001 * (end - start)]
+    ds.items[S.CREATED_AT] = created
+    counts = np.zeros(ds.n_items)
+    counts[[0, 1, 2, 3]] = [100, 50, 3, 7]
+    rates = training_rates(ds, counts)
+    np.testing.assert_allclose(rates[[0, 1, 3]], [100, 100, 7], rtol=1e-6)
+    assert rates[2] == pytest.approx(3 / 0.01)
+    ds.meta.time_unit = "order"  # no timestamps: the counts as they are
+    np.testing.assert_array_equal(training_rates(ds, counts), counts)

@@ -10,7 +10,9 @@ The sampler knows only the past (docs/dataset_contract.md, "Sampled negatives", 
 * **weights** come from the *training split* alone: ``popularity`` draws item ``i`` with probability
   proportional to ``(train_count_i + smoothing) ** alpha``, where ``train_count_i`` is the number of the
   item's source events in the train split (cold-start items' included: they were shown, the models just
-  never train on them). Items without training events (first shown after the training period) share the
+  never train on them); with creation times, counts become rates over the part of the training period
+  in which the item existed (``training_rates``), so a draw at any time follows how often the items
+  that exist then were shown. Items without training events (first shown after the training period) share the
   Good-Turing estimate of new items' share of the next events (``unseen``). No valid or test event
   changes any weight, for training and evaluation rows alike. ``uniform``: every item alike.
 * **exclusions** grow with the splits: a training row's negatives avoid the items the user has in the
@@ -53,8 +55,8 @@ class NegativeConfig:
     ``N1 / N`` (training events whose item was seen exactly once, over all training events), shared
     equally; ``smoothing``: each gets ``smoothing ** alpha``, as if it had been seen zero times."""
     counts: Literal["train", "whole_log"] = "train"
-    """``train``: the rule of the module docstring. ``whole_log``: the rule before qarm 0.2 (counts and
-    exclusions over the whole log, valid and test included). It leaks: an item that later becomes a test
+    """``train``: the rule of the module docstring. ``whole_log``: the rule before qarm 0.2 (``count + 1``
+    and exclusions over the whole log, valid and test included; ``smoothing`` and ``unseen`` ignored). It leaks: an item that later becomes a test
     positive gets extra training negatives. Kept only to reproduce old numbers and to check the leakage
     probe (``qarm.evaluate.leakage``); never use it to train."""
     seed: int = 0
@@ -101,15 +103,37 @@ def sampling_weights(dataset: Dataset, sampler: str, config: NegativeConfig) -> 
     if sampler == "popularity":
         if config.counts == "whole_log":
             counts = np.bincount(dataset.interactions[S.ITEM_ID].to_numpy(), minlength=dataset.n_items)
-            return (counts.astype(np.float64) + config.smoothing) ** config.popularity_alpha
+            return (counts.astype(np.float64) + 1.0) ** config.popularity_alpha  # qarm 0.1's "+ 1"
         counts = training_counts(dataset)
-        weights = (counts + config.smoothing) ** config.popularity_alpha
+        weights = (training_rates(dataset, counts) + config.smoothing) ** config.popularity_alpha
         unseen = counts == 0
         if config.unseen == "good_turing" and unseen.any() and counts.sum() > 0:
             share = float(np.clip((counts == 1).sum() / counts.sum(), 1e-6, 0.5))
             weights[unseen] = share / (1.0 - share) * weights[~unseen].sum() / unseen.sum()
         return weights
     raise ConfigError(f"unknown sampler {sampler!r}; available: auto, none, uniform, popularity")
+
+
+MIN_EXPOSURE_SHARE = 0.01  # an item created at the very end of training counts as shown for 1% of it
+
+
+def training_rates(dataset: Dataset, counts: np.ndarray) -> np.ndarray:
+    """Training counts as rates when items are created during the training period: ``c_i * span /
+    exposure_i``, where ``span`` is the training period and ``exposure_i`` the part of it in which item
+    ``i`` existed (at least ``MIN_EXPOSURE_SHARE`` of it). An item created half-way through with 50 events
+    weighs as much as an old item with 100. Without creation times (or timestamps): the counts."""
+    created = item_creation_times(dataset)
+    if created is None:
+        return counts
+    inter = dataset.interactions
+    train = inter[S.SPLIT].astype(str).to_numpy() == "train"
+    if not train.any():
+        return counts
+    times = inter[S.TIME].to_numpy()[train]
+    start, end = int(times.min()), int(times.max())
+    span = max(end - start, 1)
+    exposure = np.clip(end - np.maximum(created, start), MIN_EXPOSURE_SHARE * span, span).astype(np.float64)
+    return counts * (span / exposure)
 
 
 def item_creation_times(dataset: Dataset) -> np.ndarray | None:
@@ -195,8 +219,9 @@ def add_sampled_negatives(dataset: Dataset, config: NegativeConfig) -> Dataset:
             "sampler": sampler,
             "ratio": config.ratio,
             "popularity_alpha": config.popularity_alpha if sampler == "popularity" else None,
-            "popularity_counts": (f"{'train-split' if config.counts == 'train' else 'whole-log (leaky)'} "
-                                  f"source events + {config.smoothing:g}" if sampler == "popularity" else None),
+            "popularity_counts": (None if sampler != "popularity" else
+                                  f"train-split source events + {config.smoothing:g}, unseen: {config.unseen}"
+                                  if config.counts == "train" else "whole-log source events + 1 (leaky)"),
             "excludes": ("the user's items in the row's split and the splits before it (train < valid < test)"
                          if config.counts == "train" else "every item of the user in the whole log"),
             "created_at": "an item is never drawn before its created_at" if created is not None else None,

@@ -4,7 +4,8 @@
     python benchmarks/learning_curves.py runs/mls/rank --rows "EM3,QARM VQ & RQ" --out docs/img/curves_mls.png
 
 Reads ``leaderboard.json`` (or ``ablation.json``) in the folder and every run's ``report.json`` (its
-validation history, the one the tables' training seconds come from), trains nothing. A validation's training time is approximated as
+validation history, the one the tables' training seconds come from), trains nothing. A validation's training time is
+approximated as
 ``step x (the run's training seconds / its steps)``: the trainer records the step of each validation and
 the run's total optimiser time, not the clock at each validation, and a run's step time is steady. Writes a
 PNG (validation metric against training seconds, log scale, one line a seed) and prints a Markdown table:
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (row, per_seed) in enumerate(data.items()):
-        for j, (seed, curve) in enumerate(sorted(per_seed.items())):
+        for j, (_seed, curve) in enumerate(sorted(per_seed.items())):
             xs, ys = zip(*curve) if curve else ((), ())
             ax.plot(xs, [100 * y for y in ys], color=f"C{i}", alpha=0.85, marker=".", markersize=3,
                     label=row if j == 0 else None)

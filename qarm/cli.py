@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 import yaml
@@ -14,6 +14,11 @@ from rich.markdown import Markdown
 
 from qarm.config import from_dict, load_yaml
 from qarm.errors import ConfigError, QarmError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from qarm.quantize.api import QuantizeConfig
 
 app = typer.Typer(help="qarm: multi-modal recommendation with trainable semantic-ID codes.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -32,7 +37,7 @@ ConfigOption = Annotated[
 ]
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception) -> NoReturn:
     console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code=2)
 
@@ -204,7 +209,7 @@ codes_app = typer.Typer(help="Codes: inspect a quantize folder, code new items, 
 app.add_typer(codes_app, name="codes")
 
 
-def _quantize_config(config_file: Path | None, overrides: list[str] | None):
+def _quantize_config(config_file: Path | None, overrides: list[str] | None) -> QuantizeConfig:
     from qarm.quantize.api import QuantizeConfig
 
     data = load_yaml(config_file) if config_file else {}
@@ -241,7 +246,7 @@ def quantize(
     Console().print(Markdown((out / "quality.md").read_text()))
 
 
-def _align_folder_vectors(folder: Path, which: str):
+def _align_folder_vectors(folder: Path, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(vectors, item ids, categories or None) of an align folder and the dataset it was made from."""
     import json as _json
 

@@ -171,3 +171,45 @@ def load_vectors(folders):
     from safetensors.numpy import load_file
 
     return load_file(str(folders / "align" / VECTORS_FILE))
+
+
+def test_run_flags_hand_case():
+    from qarm.train.stage import run_flags
+
+    def report(valid_gaucs, logloss, constant):
+        return {"eval_split": "test",
+                "history": {"evals": [{"valid": {"click": {"gauc": g}}} for g in valid_gaucs]},
+                "metrics": {"click": {"overall": {"logloss": logloss, "constant_logloss": constant}}}}
+
+    assert run_flags(report([0.55, 0.61], 0.40, 0.50)) == []
+    flags = run_flags(report([0.41, 0.47, 0.49], 0.52, 0.50))
+    assert flags == ["click: validation GAUC below 0.5 at every validation (best 49.00)",
+                     "click: test log loss 0.5200 worse than the constant base rate's 0.5000"]
+    assert run_flags(report([0.41, 0.51], 0.49, 0.50)) == []  # one validation above 0.5 is enough
+
+
+def test_flags_reach_the_ablation_table():
+    from qarm.train.ablation import _cost_table
+
+    rows = {"ID-only": {"model": "id_only", "model_config": {}, "parameters": 10, "train_seconds": 1.0,
+                        "train_seconds_std": 0.0, "examples_per_second": 5.0, "epochs_trained": 1.0,
+                        "seeds": [0, 1], "flags": {"1": ["click: validation GAUC below 0.5 at every validation"]}},
+            "QARM": {"model": "qarm", "model_config": {}, "parameters": 10, "train_seconds": 1.0,
+                     "train_seconds_std": 0.0, "examples_per_second": 5.0, "epochs_trained": 1.0, "seeds": [0, 1],
+                     "flags": {}}}
+    text = "\n".join(_cost_table(rows))
+    assert "| (!) 1 of 2 seeds |" in text
+    assert "- ID-only, seed 1: click: validation GAUC below 0.5 at every validation" in text
+
+
+def test_logloss_tables_show_the_constant_and_mark_worse_models():
+    from qarm.evaluate.report import render_markdown
+
+    def segment(logloss):
+        return {"auc": 0.6, "uauc": 0.6, "gauc": 0.6, "logloss": logloss, "constant_logloss": 0.5, "n": 10,
+                "n_pos": 2, "n_users": 2, "users_with_both_classes": 2}
+
+    reports = {"good": {"click": {"overall": segment(0.45)}}, "bad": {"click": {"overall": segment(0.55)}}}
+    text = render_markdown(reports, "click", "logloss")
+    assert "| good | 0.4500 |" in text and "| bad | 0.5500 (!) |" in text
+    assert "| constant (the segment's base rate) | 0.5000 |" in text

@@ -116,7 +116,7 @@ TOPICS = {
 
 def tiny_dataset() -> tuple[Dataset, np.ndarray]:
     titles, topic = [], []
-    for t, (name, words) in enumerate(TOPICS.items()):
+    for t, words in enumerate(TOPICS.values()):
         for w in words:
             titles.append(f"my {w} video")
             topic.append(t)

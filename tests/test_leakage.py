@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import shared_folder
 
 from qarm.data import schema as S
 from qarm.data.build import assemble, sequence_numbers
@@ -16,7 +17,6 @@ from qarm.data.prepare import PrepareConfig, prepare_dataset
 from qarm.data.schema import Dataset, DatasetMeta
 from qarm.data.synthetic import SyntheticConfig, generate
 from qarm.evaluate.leakage import BAND, describe_with_probe, item_scores, leakage_probe
-from conftest import shared_folder
 
 
 def _clicks_only(ds: Dataset, time_unit: str | None = None) -> Dataset:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_folder
 
 from qarm.data.loaders import load
 from qarm.data.loaders.frappe import CONTEXT_FIELDS, SOURCE_PART
 from qarm.errors import ConfigError, DataError
-from conftest import shared_folder
 
 
 @pytest.fixture(scope="module")

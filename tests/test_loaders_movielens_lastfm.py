@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_folder
 
 from qarm.data.loaders import load
 from qarm.data.loaders.movielens import normalise_title, title_variants, title_year
 from qarm.data.schema import Dataset
 from qarm.errors import ConfigError, DataError
-from conftest import shared_folder
 
 # --- real data ----------------------------------------------------------------------------------------
 

@@ -13,8 +13,18 @@ from qarm.data.synthetic import SyntheticConfig, generate
 from qarm.errors import ConfigError
 from qarm.features import OOV, ExampleSource, ItemTables
 from qarm.models import MODELS, QARMConfig, build_model, describe_model, model_config
-from qarm.models.layers import (MLP, CodeMatchingSequences, IdEmbedding, MMoE, MMoEConfig, RQEmbedding,
-                                TargetAttention, VQEmbedding, embed_unique, pack)
+from qarm.models.layers import (
+    MLP,
+    CodeMatchingSequences,
+    IdEmbedding,
+    MMoE,
+    MMoEConfig,
+    RQEmbedding,
+    TargetAttention,
+    VQEmbedding,
+    embed_unique,
+    pack,
+)
 from qarm.quantize.api import QuantizeConfig, RQConfig, VQConfig, quantize_items
 
 pytestmark = pytest.mark.filterwarnings("ignore:k-means of")  # tiny catalogues: few points per centroid

@@ -21,13 +21,13 @@ from qarm.quantize import (
     TopKCodes,
     VQConfig,
     assign_new_items,
+    faiss_ops,
     inspect_codes,
     quantize_items,
     read_codes,
     rq_quality,
     vq_quality,
 )
-from qarm.quantize import faiss_ops
 from qarm.quantize._safetensors import read_safetensors, write_safetensors
 from qarm.quantize.quality import category_purity, collision_rate, entropy_bits
 
@@ -56,7 +56,7 @@ def test_rq_codes_reconstruct_to_sum_of_chosen_centroids(data):
     np.testing.assert_allclose(rq.reconstruct(codes), expected, rtol=0, atol=1e-6)
     # each level explains more: the error after L levels is below the error after 1
     xn = rq.preprocess(x)
-    err = [np.mean(np.sum((xn - rq.reconstruct(codes, levels=l)) ** 2, axis=1)) for l in (1, 2, 3)]
+    err = [np.mean(np.sum((xn - rq.reconstruct(codes, levels=l)) ** 2, axis=1)) for l in (1, 2, 3)]  # noqa: E741
     assert err[0] > err[1] > err[2]
     np.testing.assert_allclose(err[2], rq.train_mse_[2], rtol=1e-4)
     # fit_transform reuses the fit's assignments and agrees with transform

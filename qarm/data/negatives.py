@@ -56,7 +56,8 @@ class NegativeConfig:
     equally; ``smoothing``: each gets ``smoothing ** alpha``, as if it had been seen zero times."""
     counts: Literal["train", "whole_log"] = "train"
     """``train``: the rule of the module docstring. ``whole_log``: the rule before qarm 0.2 (``count + 1``
-    and exclusions over the whole log, valid and test included; ``smoothing`` and ``unseen`` ignored). It leaks: an item that later becomes a test
+    and exclusions over the whole log, valid and test included; ``smoothing`` and ``unseen`` ignored). It
+    leaks: an item that later becomes a test
     positive gets extra training negatives. Kept only to reproduce old numbers and to check the leakage
     probe (``qarm.evaluate.leakage``); never use it to train."""
     seed: int = 0
@@ -188,18 +189,18 @@ def add_sampled_negatives(dataset: Dataset, config: NegativeConfig) -> Dataset:
             times=times[rows] if created is not None else None, created_at=created,
         )
         negative_items[rows] = draws.reshape(-1, config.ratio)
-    negative_items = negative_items.reshape(-1)
+    negative_items_flat = negative_items.reshape(-1)
 
     source_rows = np.repeat(np.arange(len(inter)), config.ratio)
     negatives = inter.iloc[source_rows].reset_index(drop=True)
-    negatives[S.ITEM_ID] = negative_items
+    negatives[S.ITEM_ID] = negative_items_flat
     for column in dataset.meta.label_columns:
         negatives[column] = np.zeros(len(negatives), dtype=inter[column].dtype)
     for column in dataset.meta.signal_columns:
         negatives[column] = np.nan
     if S.COLD_ITEM in negatives.columns:
         cold = dataset.items[S.COLD_START].to_numpy() if S.COLD_START in dataset.items.columns else None
-        negatives[S.COLD_ITEM] = cold[negative_items] if cold is not None else False
+        negatives[S.COLD_ITEM] = cold[negative_items_flat] if cold is not None else False
 
     positives = inter.copy()
     positives[S.SAMPLED_NEGATIVE] = False

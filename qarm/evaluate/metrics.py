@@ -336,8 +336,9 @@ def evaluate_predictions(frame: pd.DataFrame, tasks: Sequence[str], *, n_longtai
     Returns
     -------
     A report: ``{task: {segment: metrics}}`` with segments ``"overall"``, ``"warm"`` (rows whose item is
-    not cold-start), ``"cold_start"`` (rows whose item is cold) and ``"L1" .. "Ln"`` (rows whose item's ``longtail_group`` is 1..n; group 0 holds the
-    items without training events, which the cold-start segment covers). ``metrics`` is::
+    not cold-start), ``"cold_start"`` (rows whose item is cold) and ``"L1" .. "Ln"`` (rows whose item's
+    ``longtail_group`` is 1..n; group 0 holds the items without training events, which the cold-start
+    segment covers). ``metrics`` is::
 
         {"auc", "uauc", "gauc", "logloss": float (NaN where undefined),
          "constant_logloss": the log loss of always predicting the segment's positive rate (the best

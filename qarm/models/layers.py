@@ -221,6 +221,8 @@ class IdEmbedding(nn.Module):
     Input: item ids (any shape, >= 0); output ``(..., dim)``.
     """
 
+    index: torch.Tensor
+
     def __init__(self, index: np.ndarray | torch.Tensor, dim: int) -> None:
         super().__init__()
         self.register_buffer("index", _buffer(index, torch.int64), persistent=False)
@@ -246,6 +248,8 @@ class VQEmbedding(nn.Module):
     k : int or None
         Use the first ``k`` codes (the ``k`` nearest); None: all.
     """
+
+    codes: torch.Tensor
 
     def __init__(self, codes: np.ndarray | torch.Tensor, n_catalogue: int, dim: int, k: int | None = None) -> None:
         super().__init__()
@@ -280,6 +284,9 @@ class RQEmbedding(nn.Module):
     dim : int
     """
 
+    codes: torch.Tensor
+    flat_codes: torch.Tensor
+
     def __init__(self, codes: np.ndarray | torch.Tensor, sizes: Sequence[int], dim: int) -> None:
         super().__init__()
         codes = _buffer(codes, torch.int64)
@@ -308,6 +315,8 @@ class FrozenVector(nn.Module):
     dim : int, the projection's output size
     """
 
+    vectors: torch.Tensor
+
     def __init__(self, vectors: np.ndarray | torch.Tensor, dim: int) -> None:
         super().__init__()
         self.register_buffer("vectors", _buffer(vectors, torch.float32), persistent=False)
@@ -322,6 +331,8 @@ class CategoricalEmbeddings(nn.Module):
 
     Input int ``(B, F)`` with column ``f`` in ``0..sizes[f]-1``; output ``(B, F * dim)``.
     """
+
+    offsets: torch.Tensor
 
     def __init__(self, sizes: Sequence[int], dim: int) -> None:
         super().__init__()
@@ -344,6 +355,8 @@ class PairwiseInnerProducts(nn.Module):
     Input float ``(B, N, k)``; output ``(B, N (N - 1) / 2)``, pairs ``(a, b)`` with ``a < b`` in row-major
     order (``torch.triu_indices(N, N, 1)``).
     """
+
+    flat_index: torch.Tensor
 
     def __init__(self, n_fields: int) -> None:
         super().__init__()

@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,9 +38,21 @@ from qarm.errors import ConfigError
 from qarm.features.batch import RankingBatch
 from qarm.features.examples import FeatureSpec
 from qarm.features.tables import ItemTables
-from qarm.models.layers import (CategoricalEmbeddings, CodeMatchingSequences, FrozenVector, IdEmbedding, MMoE,
-                                MMoEConfig, RQEmbedding, TargetAttention, VQEmbedding, embed_unique,
-                                embedding_table, pack, required)
+from qarm.models.layers import (
+    CategoricalEmbeddings,
+    CodeMatchingSequences,
+    FrozenVector,
+    IdEmbedding,
+    MMoE,
+    MMoEConfig,
+    RQEmbedding,
+    TargetAttention,
+    VQEmbedding,
+    embed_unique,
+    embedding_table,
+    pack,
+    required,
+)
 from qarm.quantize._common import check_bool, check_int, check_option
 
 VECTORS = ("none", "pretrained", "aligned")
@@ -90,6 +103,8 @@ class QARMRanker(nn.Module):
     config : QARMConfig
     """
 
+    rq_codes: torch.Tensor
+
     def __init__(self, spec: FeatureSpec, tables: ItemTables, config: QARMConfig | None = None) -> None:
         super().__init__()
         self.config = c = config or QARMConfig()
@@ -98,8 +113,9 @@ class QARMRanker(nn.Module):
         # Item side: ID, frozen vector, VQ codes, RQ codes; each optional but the ID.
         self.item_id = IdEmbedding(tables.id_index, c.id_dim)
         self.vector = FrozenVector(tables.vectors[c.vector], c.vector_dim) if c.vector != "none" else None
-        self.vq = VQEmbedding(tables.vq, tables.n_items, c.code_dim, c.vq_k) if c.use_vq else None
-        self.rq = RQEmbedding(tables.rq, tables.rq_sizes, c.code_dim) if c.use_rq else None
+        self.vq = VQEmbedding(required_codes(tables.vq, "vq"), tables.n_items, c.code_dim, c.vq_k) \
+            if c.use_vq else None
+        self.rq = RQEmbedding(required_codes(tables.rq, "rq"), tables.rq_sizes, c.code_dim) if c.use_rq else None
         item_dim = c.id_dim + (c.vector_dim if self.vector is not None else 0) \
             + (c.code_dim if self.vq is not None else 0) + (c.code_dim if self.rq is not None else 0)
         # User side: the history against the target, the code-matching sequences, ID and side features.
@@ -157,6 +173,13 @@ class QARMRanker(nn.Module):
         if self.category is not None:
             parts.append(self.category(required(batch.category, "category")))
         return self.head(torch.cat(parts, dim=-1))
+
+
+def required_codes(codes: np.ndarray | None, name: str) -> np.ndarray:
+    """``codes``, checked present (``_check_tables`` has said why they must be)."""
+    if codes is None:
+        raise ConfigError(f"the item tables hold no {name} codes; build them with quantize_dir=...")
+    return codes
 
 
 def _check_tables(c: QARMConfig, tables: ItemTables) -> None:

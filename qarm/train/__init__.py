@@ -7,8 +7,16 @@
 """
 
 from qarm.train.stage import RankingConfig, train_ranking
-from qarm.train.trainer import (TrainConfig, TrainHistory, TrainResult, load_weights, loss_fn, predict, train,
-                                validation_metrics)
+from qarm.train.trainer import (
+                                TrainConfig,
+                                TrainHistory,
+                                TrainResult,
+                                load_weights,
+                                loss_fn,
+                                predict,
+                                train,
+                                validation_metrics,
+)
 
 __all__ = ["RankingConfig", "TrainConfig", "TrainHistory", "TrainResult", "load_weights", "loss_fn", "predict",
            "train", "train_ranking", "validation_metrics"]

@@ -243,7 +243,7 @@ def run_ablation(dataset_dir: str | Path, out_dir: str | Path, config: AblationC
     tables = build_tables(source, dataset_dir, sorted(models), quantize_dir=quantize_dir, align_dir=align_dir)
     variants = config.variants(vq_k_stored=tables.vq_k or max(config.ks))
     jobs: dict[tuple[str, int], dict[str, Any]] = {}  # (run key, seed) -> job
-    for name, (model, model_config) in variants.items():
+    for model, model_config in variants.values():
         key = run_key(model, model_config)
         for seed in config.seeds:
             train = config.train_config(model, seed)
@@ -267,15 +267,18 @@ def run_ablation(dataset_dir: str | Path, out_dir: str | Path, config: AblationC
     if config.workers == 1 or len(todo) <= 1:
         for job_id in todo:
             job = jobs[job_id]
-            reports[job_id] = _train_job(lambda resume, job=job: train_ranking(
-                None, job["dir"], job["config"], source=source, tables=tables, resume=resume, progress=progress,
-                log=None), fresh, say)
+
+            def fit(resume: bool, job: dict[str, Any] = job) -> dict[str, Any]:
+                return train_ranking(None, job["dir"], job["config"], source=source, tables=tables, resume=resume,
+                                     progress=progress, log=None)
+
+            reports[job_id] = _train_job(fit, fresh, say)
             say(_run_line(job_id, reports[job_id]))
     else:
         del source, tables  # each worker reads its own (a few seconds), the parent holds nothing big
         with ProcessPoolExecutor(max_workers=config.workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(_train_in_worker, str(dataset_dir), quantize_dir and str(quantize_dir),
-                                   align_dir and str(align_dir), to_dict(jobs[job_id]["config"]),
+            futures = {pool.submit(_train_in_worker, str(dataset_dir), None if quantize_dir is None else str(quantize_dir),
+                                   None if align_dir is None else str(align_dir), to_dict(jobs[job_id]["config"]),
                                    str(jobs[job_id]["dir"]), fresh): job_id for job_id in todo}
             for future in as_completed(futures):
                 job_id = futures[future]

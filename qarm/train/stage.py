@@ -167,8 +167,9 @@ def train_ranking(dataset_dir: str | Path | None, out_dir: str | Path, config: R
         "examples_per_second": result.examples_per_second,
         "seconds": seconds,
     }
-    report["flags"] = run_flags(report)
-    for flag in report["flags"]:
+    flags = run_flags(report)
+    report["flags"] = flags
+    for flag in flags:
         say(f"ranking: WARNING {config.model}: {flag}")
     write_json(out_dir / REPORT_FILE, report)
     overall = {t: round(metrics[t]["overall"]["gauc"], 4) for t in source.tasks}

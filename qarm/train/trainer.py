@@ -51,13 +51,14 @@ from torch import nn
 
 from qarm.config import from_dict, to_dict
 from qarm.data.io import atomic_write_bytes, write_json
-from qarm.encode._progress import progress_bar
 from qarm.determinism import deterministic
+from qarm.encode._progress import progress_bar
 from qarm.errors import CheckpointMismatch, ConfigError, QarmError
 from qarm.evaluate import metrics as M
 from qarm.features.batch import RankingBatch
 from qarm.features.examples import ExampleSource
 from qarm.models import describe_model
+from qarm.models.layers import required
 from qarm.quantize._common import check_float, check_int, check_option
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -252,8 +253,9 @@ class _Trainer:
         self.progress, self.log, self.on_step = progress, log or (lambda line: None), on_step
         self.rank, self.world = _distributed()
         self.tasks = tuple(source.tasks)
-        if tuple(getattr(self.module, "tasks", self.tasks)) != self.tasks:
-            raise ConfigError(f"the model predicts {list(self.module.tasks)} but the data has {list(self.tasks)}")
+        model_tasks = tuple(getattr(self.module, "tasks", self.tasks))
+        if model_tasks != self.tasks:
+            raise ConfigError(f"the model predicts {list(model_tasks)} but the data has {list(self.tasks)}")
         self.n_train = len(source.rows("train"))
         if self.n_train == 0:
             raise QarmError("no training rows (the train split is empty once cold-start items are removed)")
@@ -287,7 +289,7 @@ class _Trainer:
 
     def train_step(self, batch: RankingBatch) -> float:
         self.model.train()
-        loss = loss_fn(self.model(batch), batch.labels)
+        loss = loss_fn(self.model(batch), required(batch.labels, "labels"))
         auxiliary = getattr(self.module, "auxiliary_loss", None)
         extra = auxiliary() if callable(auxiliary) else None
         if extra is not None:

@@ -93,7 +93,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, where=where)
+        return from_dict(typing.cast("type[Any]", hint), value, where=where)
     if hint is Any:
         return value
     if origin is typing.Literal:

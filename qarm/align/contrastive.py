@@ -52,7 +52,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -70,6 +70,9 @@ from qarm.encode.cache import VectorCache, digest_arrays
 from qarm.encode.content import ContentEncoder, ContentEncoderConfig, ItemInputs, encode_items, save_encoder
 from qarm.encode.frozen import FrozenTextStates, build_text_states
 from qarm.errors import CheckpointMismatch, ConfigError, DataError, QarmError
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 TRIGGER = "trigger"
 TARGET = "target"
@@ -144,7 +147,7 @@ def info_nce(
     # at B = 4096 every extra elementwise pass over the logits costs ~20-50 ms on 2 cores.
     bias_ab = bias_ba = None
     with torch.no_grad():
-        if a_logq is not None:
+        if a_logq is not None and b_logq is not None:  # both or neither (checked above)
             bias_ab = (-b_logq.to(logits))[None, :].expand_as(logits).clone()
             bias_ba = (-a_logq.to(logits))[None, :].expand_as(logits).clone()
         if a_ids is not None:
@@ -154,7 +157,7 @@ def info_nce(
                 raise ValueError(f"a_ids and b_ids must be ({a.shape[0]},), got {tuple(a_ids.shape)} and "
                                  f"{tuple(b_ids.shape)}")
             mask = false_negative_mask(a_ids, b_ids).to(logits.device)
-            if bias_ab is None:
+            if bias_ab is None or bias_ba is None:  # both or neither
                 bias_ab = torch.zeros_like(logits)
                 bias_ba = torch.zeros_like(logits)
             bias_ab.masked_fill_(mask, float("-inf"))
@@ -402,6 +405,7 @@ class _Trainer:
         states = encoder.usable_states(self.inputs.texts)
         if states is not None and (states.whole_model_frozen or str(states.tokens.dtype) == f"torch.{config.frozen_cache}"):
             return states
+        assert encoder.text_model is not None  # n_frozen_layers is None without a text part
         states = build_text_states(encoder.text_model, self.inputs.texts, encoder.n_frozen_layers,
                                    dtype=config.frozen_cache, pooled=encoder.n_frozen_layers == encoder.n_layers,
                                    progress=progress)
@@ -609,7 +613,7 @@ class _Trainer:
         self.scheduler.step()
         self.step += 1
         value = float(loss.detach())
-        self.history.steps.append({"step": self.step, "loss": value, "lr": self.scheduler.get_last_lr()[-1]})
+        self.history.steps.append({"step": self.step, "loss": value, "lr": float(self.scheduler.get_last_lr()[-1])})
         return value
 
 
@@ -640,7 +644,7 @@ def run_alignment(
     cache_dir: str | Path | None = None,
     resume: bool = True,
     progress: bool = True,
-    text_model: torch.nn.Module | None = None,
+    text_model: SentenceTransformer | None = None,
 ) -> AlignmentResult:
     """The alignment stage: fit the encoder (PCA head), encode every item (pre-trained), train on the
     pairs, encode every item again (aligned), and write ``out_dir``::

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,12 +42,16 @@ from qarm import __version__
 from qarm.align.contrastive import AlignConfig, read_alignment, run_alignment
 from qarm.align.evaluate import business_rank_correlation, pair_recall, plot_tsne
 from qarm.align.pairs import PairMiningConfig, mine_pairs
-from qarm.align.user2item import (User2ItemConfig, evaluate_popularity, item_embeddings, save_user2item,
-                                  train_user2item)
+from qarm.align.user2item import User2ItemConfig, evaluate_popularity, item_embeddings, save_user2item, train_user2item
 from qarm.config import to_dict
 from qarm.data import schema as S
 from qarm.data.io import atomic_write_bytes, load_dataset, write_json
 from qarm.encode.content import ContentEncoderConfig
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from qarm.data.schema import Dataset
 
 REPORT_JSON = "align_report.json"
 REPORT_MD = "align_report.md"
@@ -144,7 +148,7 @@ def align_dataset(
     return report
 
 
-def split_holdout(holdout, eval_pairs: int, *, seed: int = 0):
+def split_holdout(holdout: pd.DataFrame, eval_pairs: int, *, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(stopping, test): a seeded sample of ``min(eval_pairs, len // 2)`` held-out pairs for early
     stopping, and the rest, which only the final evaluation reads."""
     n_stop = min(int(eval_pairs), len(holdout) // 2)
@@ -154,8 +158,8 @@ def split_holdout(holdout, eval_pairs: int, *, seed: int = 0):
     return stopping, test
 
 
-def evaluate_vectors(dataset, pretrained: np.ndarray, aligned: np.ndarray, holdout, out_dir: Path, *,
-                     tsne_sample: int = 2000) -> dict[str, Any]:
+def evaluate_vectors(dataset: Dataset, pretrained: np.ndarray, aligned: np.ndarray, holdout: pd.DataFrame,
+                     out_dir: Path, *, tsne_sample: int = 2000) -> dict[str, Any]:
     """Held-out pair recall before / after, business-similarity correlation when the data has ground
     truth, and the t-SNE picture."""
     out: dict[str, Any] = {"pair_recall": {
@@ -172,7 +176,7 @@ def evaluate_vectors(dataset, pretrained: np.ndarray, aligned: np.ndarray, holdo
     elif S.CATEGORY in dataset.items.columns:
         labels, label_name = dataset.items[S.CATEGORY].astype(str).to_numpy(), "category"
     else:
-        labels, label_name = None, None
+        labels, label_name = None, ""  # no labels, no picture
     if tsne_sample and labels is not None:
         plot_tsne(pretrained, aligned, labels, out_dir / TSNE_FILE, sample=tsne_sample, label_name=label_name)
         out["tsne"] = TSNE_FILE
@@ -214,7 +218,7 @@ def _fmt(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
 
-def _parquet_bytes(frame) -> bytes:
+def _parquet_bytes(frame: pd.DataFrame) -> bytes:
     import io
 
     buffer = io.BytesIO()

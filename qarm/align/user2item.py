@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -298,6 +298,8 @@ class TwoTower(nn.Module):
     Item ids are ``0..n_items-1``; ``n_items`` is the padding id of histories (its embedding row stays 0).
     """
 
+    cold_items: torch.Tensor  # buffer (n_items + 1,) bool, registered in __init__
+
     def __init__(
         self, n_items: int, n_users: int, config: User2ItemConfig, cold_items: np.ndarray | None = None
     ) -> None:
@@ -391,7 +393,7 @@ class TwoTower(nn.Module):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"The 'k' parameter of recommend must be an int >= 1. Got {k!r} instead.")
         single = len(histories) == 0 or np.ndim(histories[0]) == 0
-        lists = [list(histories)] if single else [list(h) for h in histories]
+        lists = [list(histories)] if single else [list(cast(Sequence[int], h)) for h in histories]
         for h in lists:
             bad = [i for i in h if not 0 <= int(i) < self.n_items]
             if bad:

@@ -18,8 +18,14 @@ def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator
         yield lambda n=1, **fields: None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
@@ -28,6 +34,9 @@ def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator
 
         def advance(n: int = 1, **fields: object) -> None:
             info = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
-            bar.update(task, advance=n, **({"info": info} if fields else {}))
+            if fields:
+                bar.update(task, advance=n, info=info)
+            else:
+                bar.update(task, advance=n)
 
         yield advance

@@ -93,7 +93,7 @@ def digest_arrays(arrays: Mapping[str, np.ndarray]) -> str:
     for name in sorted(arrays):
         array = np.ascontiguousarray(arrays[name])
         h.update(f"{name}|{array.dtype.str}|{array.shape}".encode())
-        h.update(array.reshape(-1).view(np.uint8))
+        h.update(array.reshape(-1).view(np.uint8).data)
     return h.hexdigest()
 
 

@@ -63,9 +63,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import torch
@@ -77,8 +78,8 @@ from torch.nn import functional as F
 from qarm.config import from_dict, to_dict
 from qarm.data.io import atomic_write_bytes
 from qarm.data.schema import Dataset
-from qarm.encode.cache import VectorCache, digest_arrays, digest_module, digest_texts
 from qarm.encode._progress import progress_bar
+from qarm.encode.cache import VectorCache, digest_arrays, digest_module, digest_texts
 from qarm.encode.frozen import (
     FrozenTextStates,
     StatesDtype,
@@ -93,11 +94,15 @@ from qarm.encode.text import (
     encode_texts,
     item_texts,
     load_text_model,
+    max_seq_length,
     text_cache_key,
     text_dimension,
     tokenize,
 )
 from qarm.errors import ConfigError, QarmError
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 Fusion = Literal["concat", "sum", "gated"]
 FUSIONS = ("concat", "sum", "gated")
@@ -190,10 +195,13 @@ class ContentEncoder(nn.Module):
     trainable_layers_ : int or "all", what :meth:`set_trainable` last set (``"all"`` after build).
     """
 
-    def __init__(self, config: ContentEncoderConfig | None = None, *, text_model: nn.Module | None = None) -> None:
+    part_weights: torch.Tensor  # buffer (P,), registered by build
+
+    def __init__(self, config: ContentEncoderConfig | None = None, *,
+                 text_model: SentenceTransformer | None = None) -> None:
         super().__init__()
         self.config = config or ContentEncoderConfig()
-        self.text_model = text_model
+        self.text_model: SentenceTransformer | None = text_model
         self.parts_: list[str] = []
         self.input_dims_: dict[str, int] = {}
         self.trainable_layers_: int | str = "all"
@@ -279,8 +287,9 @@ class ContentEncoder(nn.Module):
                 hidden = self.config.residual_hidden
                 self.residual = nn.Sequential(nn.Linear(len(parts) * out, hidden), nn.ReLU(), nn.Linear(hidden, out))
             with torch.no_grad():  # starts as the identity on z: the pre-trained output is unchanged
-                self.residual[2].weight.zero_()
-                self.residual[2].bias.zero_()
+                last = cast(nn.Linear, self.residual[2])
+                last.weight.zero_()
+                last.bias.zero_()
         self.set_trainable("all")
         return self
 
@@ -314,21 +323,23 @@ class ContentEncoder(nn.Module):
         self.frozen_states_ = None
         raw = dict(inputs.vectors)
         if use_text and keep_frozen_states is not None and keep_frozen_states != "all":
-            n_frozen = self.n_layers - self._check_layers(keep_frozen_states)
-            key = None if cache is None else text_cache_key(self.text_model, inputs.texts, self.text_model_path)
-            hit = None if cache is None else cache.get(key)
-            states = build_text_states(self.text_model, inputs.texts, n_frozen, dtype=states_dtype,
+            text_model = self._require_text_model()
+            n_frozen = self.n_layers - int(self._check_layers(keep_frozen_states))  # an int here: not "all"
+            key = None if cache is None else text_cache_key(text_model, inputs.texts, self.text_model_path)
+            hit = None if cache is None or key is None else cache.get(key)
+            states = build_text_states(text_model, inputs.texts, n_frozen, dtype=states_dtype,
                                        pooled=True if hit is None else hit, batch_size=batch_size,
                                        progress=progress)
+            assert states.pooled is not None  # pooled=True or given: build_text_states keeps them
             text = states.pooled[torch.from_numpy(states.text_rows)].numpy()
-            if cache is not None and hit is None:
+            if cache is not None and key is not None and hit is None:
                 cache.put(key, text, {"kind": "text_embeddings", "model_path": self.text_model_path,
-                                      "max_seq_length": int(self.text_model.max_seq_length)})
+                                      "max_seq_length": max_seq_length(text_model)})
             self.frozen_states_ = states
             raw = {TEXT: text} | raw
         elif use_text:
-            raw = {TEXT: encode_texts(self.text_model, inputs.texts, batch_size=batch_size, progress=progress,
-                                      cache=cache, model_path=self.text_model_path)} | raw
+            raw = {TEXT: encode_texts(self._require_text_model(), inputs.texts, batch_size=batch_size,
+                                      progress=progress, cache=cache, model_path=self.text_model_path)} | raw
         self._init_from_data(raw)
         return self
 
@@ -336,7 +347,8 @@ class ContentEncoder(nn.Module):
     def _init_from_data(self, raw: dict[str, np.ndarray]) -> None:
         out = self.config.out_dim
         parts = []
-        for part, projection in zip(self.parts_, self.projections):
+        for part, module in zip(self.parts_, self.projections):
+            projection = cast(nn.Linear, module)
             # The text model was trained for cosine on its raw output: keep that geometry (no centring).
             # Modality vectors (VGGish: mean ~128 per dimension) only become comparable once centred.
             weight, bias = pca_projection(raw[part], out, center=part != TEXT)
@@ -352,6 +364,12 @@ class ContentEncoder(nn.Module):
 
     # ---------------------------------------------------------------------------------------------
     # Forward
+
+    def _require_text_model(self) -> SentenceTransformer:
+        """The text model, where the encoder has a text part (:meth:`build` and :meth:`fit` load it)."""
+        if self.text_model is None:
+            raise QarmError("this ContentEncoder has no text model")
+        return self.text_model
 
     def _check_fitted(self) -> None:
         if not self.is_fitted:
@@ -387,13 +405,13 @@ class ContentEncoder(nn.Module):
         if self.uses_text:
             if text_features is None:
                 raise ValueError("this encoder has a text part; pass the tokenised texts")
-            parts[TEXT] = embed_tokens(self.text_model, text_features)
+            parts[TEXT] = embed_tokens(self._require_text_model(), text_features)
         return self.fuse(parts)
 
     def encode(self, inputs: ItemInputs) -> torch.Tensor:
         """``(len(inputs), out_dim)`` vectors of raw item content (gradients as the current mode allows)."""
         self._check_fitted()
-        features = tokenize(self.text_model, inputs.texts) if self.uses_text else None
+        features = tokenize(self._require_text_model(), inputs.texts) if self.uses_text else None
         vectors = {m: torch.from_numpy(np.ascontiguousarray(inputs.vectors[m], dtype=np.float32))
                    for m in self.parts_ if m != TEXT}
         return self(features, vectors)
@@ -404,8 +422,9 @@ class ContentEncoder(nn.Module):
         states = getattr(self, "frozen_states_", None)
         if states is None or self.n_frozen_layers is None:
             return None
+        text_model = self._require_text_model()  # n_frozen_layers is None without a text part
         try:
-            states.check(self.text_model, self.n_frozen_layers, texts)
+            states.check(text_model, self.n_frozen_layers, texts)
         except QarmError:
             return None
         return states
@@ -424,21 +443,22 @@ class ContentEncoder(nn.Module):
         parts = {m: torch.from_numpy(np.ascontiguousarray(inputs.vectors[m][ids], dtype=np.float32))
                  for m in self.parts_ if m != TEXT}
         if self.uses_text:
+            text_model = self._require_text_model()
             if states is not None:
                 rows, inverse = np.unique(states.text_rows[ids], return_inverse=True)
                 lengths = states.lengths[rows]
             else:
                 texts, inverse = np.unique(np.asarray([inputs.texts[i] for i in ids], dtype=object).astype(str),
                                            return_inverse=True)
-                lengths = tokenize(self.text_model, list(texts))["attention_mask"].sum(dim=1).numpy()
+                lengths = tokenize(text_model, list(texts))["attention_mask"].sum(dim=1).numpy()
             order = np.argsort(-lengths, kind="stable")
             chunks = []
             for start in range(0, len(order), chunk_size):
                 chunk = order[start:start + chunk_size]
                 if states is not None:
-                    chunks.append(embed_from_states(self.text_model, states, rows[chunk]))
+                    chunks.append(embed_from_states(text_model, states, rows[chunk]))
                 else:
-                    chunks.append(embed_tokens(self.text_model, tokenize(self.text_model, [str(t) for t in texts[chunk]])))
+                    chunks.append(embed_tokens(text_model, tokenize(text_model, [str(t) for t in texts[chunk]])))
             embedded = torch.cat(chunks)[torch.from_numpy(np.argsort(order, kind="stable"))]
             parts[TEXT] = embedded[torch.from_numpy(inverse.reshape(-1))]
         return self.fuse(parts)
@@ -482,6 +502,7 @@ class ContentEncoder(nn.Module):
         for p in self.parameters():
             p.requires_grad_(True)
         if self.text_model is not None and layers != "all":
+            assert isinstance(layers, int)  # _check_layers: "all" or an int
             self.text_model.requires_grad_(False)
             if layers > 0:
                 for layer in self.transformer_layers()[-layers:]:
@@ -494,7 +515,7 @@ class ContentEncoder(nn.Module):
         """Like ``nn.Module.train``, but frozen text layers stay in eval mode (no dropout)."""
         super().train(mode)
         if mode and self.uses_text and self.trainable_layers_ != "all":
-            self.text_model.eval()
+            self._require_text_model().eval()
             if self.trainable_layers_:
                 for layer in self.transformer_layers()[-int(self.trainable_layers_):]:
                     layer.train()
@@ -582,12 +603,13 @@ def encode_items(
             return hit
     raw = {m: torch.from_numpy(v) for m, v in inputs.vectors.items()}
     states = encoder.usable_states(inputs.texts) if encoder.uses_text else None
-    if states is not None and states.pooled is not None and states.model_digest == digest_module(encoder.text_model):
+    if states is not None and states.pooled is not None \
+            and states.model_digest == digest_module(encoder._require_text_model()):
         raw[TEXT] = states.pooled[torch.from_numpy(states.text_rows)]  # the text model has not changed
     elif states is not None:
         raw[TEXT] = _text_from_states(encoder, states, batch_size=batch_size, progress=progress)
     elif encoder.uses_text:
-        raw[TEXT] = torch.from_numpy(encode_texts(encoder.text_model, inputs.texts, batch_size=batch_size,
+        raw[TEXT] = torch.from_numpy(encode_texts(encoder._require_text_model(), inputs.texts, batch_size=batch_size,
                                                   progress=progress, cache=cache,
                                                   model_path=encoder.text_model_path))
     was_training = encoder.training
@@ -610,7 +632,7 @@ def _text_from_states(encoder: ContentEncoder, states: FrozenTextStates, *, batc
     """Text embeddings ``(n_items, dim)`` from cached frozen states: the top layers only, eval mode."""
     n_texts = len(states.lengths)
     order = np.argsort(-states.lengths, kind="stable")
-    model = encoder.text_model
+    model = encoder._require_text_model()
     out = torch.empty((n_texts, text_dimension(model)), dtype=torch.float32)
     was_training = model.training
     model.eval()
@@ -641,7 +663,7 @@ def save_encoder(encoder: ContentEncoder, folder: str | Path) -> Path:
     return folder
 
 
-def load_encoder(folder: str | Path, *, text_model: nn.Module | None = None) -> ContentEncoder:
+def load_encoder(folder: str | Path, *, text_model: SentenceTransformer | None = None) -> ContentEncoder:
     """Rebuild an encoder written by :func:`save_encoder` (no pickle: JSON + safetensors)."""
     folder = Path(folder)
     try:
@@ -662,8 +684,8 @@ def load_encoder(folder: str | Path, *, text_model: nn.Module | None = None) -> 
     return encoder.eval()
 
 
-def _digest_tensors(tensors: dict[str, torch.Tensor]) -> str:
+def _digest_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
     holder = nn.Module()
-    for i, (name, tensor) in enumerate(sorted(tensors.items())):
+    for i, (_name, tensor) in enumerate(sorted(tensors.items())):
         holder.register_buffer(f"t{i}", tensor.detach())
     return digest_module(holder)

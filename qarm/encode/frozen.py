@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from torch import nn
 
 from qarm.encode._progress import progress_bar
 from qarm.encode.cache import digest_module, digest_texts
-from qarm.encode.text import text_dimension, tokenize
+from qarm.encode.text import max_seq_length, text_dimension, tokenize
 from qarm.errors import ConfigError, QarmError
 
 if TYPE_CHECKING:
@@ -84,17 +84,18 @@ def frozen_digest(model: SentenceTransformer, n_frozen: int) -> str:
     layers = transformer_layers(model)
     if n_frozen >= len(layers):
         return digest_module(model)
-    holder = nn.ModuleList([backbone_of(model).embeddings, *layers[:n_frozen]])
+    holder = nn.ModuleList([cast(nn.Module, backbone_of(model).embeddings), *layers[:n_frozen]])
     return digest_module(holder)
 
 
 def _attention_mask(backbone: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> Any:
     """The mask the layers expect, made the way the backbone's own forward makes it."""
+    model: Any = backbone  # a transformers model; its attributes are typed as plain Module ones here
     try:
         from transformers.masking_utils import create_bidirectional_mask
     except ImportError:  # transformers < 4.56: additive (B, 1, 1, L) float masks
-        return backbone.get_extended_attention_mask(mask, mask.shape, dtype=hidden.dtype)
-    return create_bidirectional_mask(config=backbone.config, inputs_embeds=hidden, attention_mask=mask)
+        return model.get_extended_attention_mask(mask, mask.shape, dtype=hidden.dtype)
+    return create_bidirectional_mask(config=model.config, inputs_embeds=hidden, attention_mask=mask)
 
 
 def run_layers(model: SentenceTransformer, hidden: torch.Tensor, mask: torch.Tensor, start: int,
@@ -117,7 +118,8 @@ def run_prefix(model: SentenceTransformer, features: dict[str, Any], n_frozen: i
     backbone = backbone_of(model)
     device = next(model.parameters()).device
     inputs = {k: features[k].to(device) for k in ("input_ids", "token_type_ids") if k in features}
-    hidden = backbone.embeddings(**inputs)
+    embeddings = cast(nn.Module, backbone.embeddings)
+    hidden = embeddings(**inputs)
     return run_layers(model, hidden, features["attention_mask"].to(device), 0, n_frozen)
 
 
@@ -184,7 +186,7 @@ class FrozenTextStates:
         problems = []
         if n_frozen != self.n_frozen:
             problems.append(f"they stop after layer {self.n_frozen}, this run freezes {n_frozen}")
-        elif int(model.max_seq_length) != self.max_seq_length:
+        elif max_seq_length(model) != self.max_seq_length:
             problems.append(f"max_seq_length {self.max_seq_length} != {model.max_seq_length}")
         elif texts is not None and digest_texts(texts) != self.texts_digest:
             problems.append("the item texts differ")
@@ -248,7 +250,8 @@ def build_text_states(
         first = np.zeros(n_texts, dtype=np.int64)
         first[inverse.reshape(-1)[::-1]] = np.arange(len(inverse))[::-1]
         given = given[first]
-    hidden_size = int(backbone_of(model).config.hidden_size)
+    config: Any = backbone_of(model).config  # a transformers config
+    hidden_size = int(config.hidden_size)
     run = not whole or need_pooled
     # Tokenise first (cheap): the lengths size the ragged tensor, which is then filled in place.
     batches = [order[s:s + batch_size] for s in range(0, n_texts, batch_size)] if run else []
@@ -272,6 +275,7 @@ def build_text_states(
                 mask = f["attention_mask"].to(next(model.parameters()).device)
                 hidden = run_prefix(model, f, n_frozen)
                 if need_pooled:
+                    assert pooled_t is not None  # made above when need_pooled
                     top = run_layers(model, hidden, mask, n_frozen)
                     pooled_t[torch.from_numpy(rows)] = pool(model, top, mask).float().cpu()
                 if not whole:
@@ -288,7 +292,7 @@ def build_text_states(
         offsets=offsets, tokens=tokens, pooled=pooled_t,
         model_digest=digest_module(model) if pooled_t is not None else None,
         frozen_digest=frozen_digest(model, n_frozen), texts_digest=digest_texts(texts),
-        max_seq_length=int(model.max_seq_length),
+        max_seq_length=max_seq_length(model),
     )
 
 

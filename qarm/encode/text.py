@@ -128,7 +128,18 @@ def embed_tokens(model: SentenceTransformer, features: dict[str, Any]) -> torch.
 def text_dimension(model: SentenceTransformer) -> int:
     """Width of the model's sentence embeddings (384 for MiniLM)."""
     get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-    return int(get())
+    dim = get()
+    if dim is None:  # what int(None) raised before; every sentence-transformers text model has a width
+        raise TypeError(f"{type(model).__name__} reports no sentence embedding dimension")
+    return int(dim)
+
+
+def max_seq_length(model: SentenceTransformer) -> int:
+    """The model's token limit per text (sentence-transformers types it ``int | None``)."""
+    length = model.max_seq_length
+    if length is None:  # what int(None) raised before; load_text_model always sets one
+        raise TypeError(f"{type(model).__name__} has no max_seq_length")
+    return int(length)
 
 
 def text_model_digest(model: SentenceTransformer) -> str:
@@ -139,7 +150,7 @@ def text_model_digest(model: SentenceTransformer) -> str:
 def text_cache_key(model: SentenceTransformer, texts: Sequence[str], model_path: str | None) -> str:
     """:class:`VectorCache` key of the sentence embeddings of ``texts`` by ``model`` (weights digest included)."""
     return VectorCache.key(kind="text_embeddings", model_path=str(model_path), weights=text_model_digest(model),
-                           max_seq_length=int(model.max_seq_length), texts=digest_texts(texts), n=len(texts))
+                           max_seq_length=max_seq_length(model), texts=digest_texts(texts), n=len(texts))
 
 
 def encode_texts(
@@ -189,5 +200,5 @@ def encode_texts(
     out = np.ascontiguousarray(by_text[inverse.reshape(-1)], dtype=np.float32)
     if cache is not None and key is not None:
         cache.put(key, out, {"kind": "text_embeddings", "model_path": str(model_path),
-                             "max_seq_length": int(model.max_seq_length)})
+                             "max_seq_length": max_seq_length(model)})
     return out

@@ -10,6 +10,7 @@ item reaches a served model by adding its codes to the tables, not by changing t
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -75,5 +76,6 @@ class RankingBatch:
 
     def to(self, device: torch.device | str) -> RankingBatch:
         """The same batch with every tensor on ``device``."""
-        return RankingBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
-                               for f in fields(self)})
+        moved: dict[str, Any] = {f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                                 for f in fields(self)}
+        return RankingBatch(**moved)

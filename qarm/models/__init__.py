@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -91,7 +91,7 @@ def build_model(name: str, spec: FeatureSpec, tables: ItemTables, config: Any = 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = entry.model(spec, tables, typed)
-    model.model_name = name
+    cast(Any, model).model_name = name  # a plain attribute (nn.Module types attributes as tensors / modules)
     return model
 
 

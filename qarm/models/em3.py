@@ -52,8 +52,17 @@ from qarm.errors import ConfigError
 from qarm.features.batch import RankingBatch
 from qarm.features.examples import FeatureSpec
 from qarm.features.tables import OOV, ItemTables
-from qarm.models.layers import (CategoricalEmbeddings, IdEmbedding, MMoE, MMoEConfig, TargetAttention, embed_unique,
-                                embedding_table, pack, required)
+from qarm.models.layers import (
+    CategoricalEmbeddings,
+    IdEmbedding,
+    MMoE,
+    MMoEConfig,
+    TargetAttention,
+    embed_unique,
+    embedding_table,
+    pack,
+    required,
+)
 from qarm.quantize._common import check_bool, check_float, check_int, check_option
 
 # LoRA targets by short name -> the linear layer inside a BERT layer (MiniLM is a BERT).
@@ -155,8 +164,9 @@ class LoRATextTop(nn.Module):
         for layer in self.layers:
             apply_lora(layer, [LORA_TARGETS[t] for t in c.lora_targets], rank=c.lora_rank, alpha=c.lora_alpha,
                        dropout=c.lora_dropout)
-        self.text_config = backbone_of(model).config  # how the layers expect their attention mask
-        self.width = int(self.text_config.hidden_size)
+        text_config: Any = backbone_of(model).config  # a transformers config
+        self.text_config = text_config  # how the layers expect their attention mask
+        self.width = int(text_config.hidden_size)
 
     def forward(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, mask = self.states.padded(rows)
@@ -234,6 +244,8 @@ class ItemContent(nn.Module):
 
     ``forward(items int64 (U,)) -> (U, id_dim)``; computes each distinct text of ``items`` once.
     """
+
+    text_rows: torch.Tensor  # buffer (n_items,) int64, registered in __init__
 
     def __init__(self, tables: ItemTables, c: EM3Config) -> None:
         super().__init__()

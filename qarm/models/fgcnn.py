@@ -167,9 +167,12 @@ class FieldConvolution(nn.Module):
     as in PyTorch and TensorFlow).
     """
 
+    tap: torch.Tensor  # buffer (F, F) int64, registered in __init__
+
     def __init__(self, n_fields: int, in_channels: int, out_channels: int, height: int) -> None:
         super().__init__()
         conv = nn.Conv2d(in_channels, out_channels, kernel_size=(height, 1))  # for its initialisation
+        assert conv.bias is not None  # Conv2d has a bias unless bias=False
         self.weight = nn.Parameter(conv.weight.detach()[..., 0].clone())
         self.bias = nn.Parameter(conv.bias.detach().clone())
         # tap[i, o]: the kernel row linking input row i to output row o; height (a zero row) where none does.

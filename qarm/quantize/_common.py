@@ -75,7 +75,7 @@ def content_hash(prefix: str, config: dict[str, Any], arrays: Sequence[np.ndarra
     for arr in arrays:
         arr = np.ascontiguousarray(arr)
         h.update(f"{arr.dtype.str}{arr.shape}".encode())
-        h.update(memoryview(arr).cast("B"))
+        h.update(arr.data.cast("B"))
     return f"{prefix}-{h.hexdigest()[:16]}"
 
 

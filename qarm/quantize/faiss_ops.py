@@ -31,12 +31,15 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from types import ModuleType
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 
+from qarm.errors import ConfigError, DataError  # imports only the standard library (no OpenMP runtime)
 
-def _import_faiss_with_passive_waits():  # type: ignore[no-untyped-def]
+
+def _import_faiss_with_passive_waits() -> ModuleType:
     """Import faiss with ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a wait policy (see above)."""
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         import faiss
@@ -50,9 +53,10 @@ def _import_faiss_with_passive_waits():  # type: ignore[no-untyped-def]
     return faiss
 
 
-faiss = _import_faiss_with_passive_waits()
-
-from qarm.errors import ConfigError, DataError
+if TYPE_CHECKING:
+    import faiss  # the type checker reads faiss's own stubs; at run time the module comes from the import below
+else:
+    faiss = _import_faiss_with_passive_waits()
 
 # faiss's k-means quality rule of thumb: fewer points per centroid than this gives poor centroids.
 MIN_POINTS_PER_CENTROID = 39
@@ -257,22 +261,25 @@ def build_index(
         raise ConfigError(f"unknown index kind {kind!r}; available: {list(INDEX_KINDS)}")
     x = as_float32(vectors, "catalogue vectors")
     n, dim = x.shape
+    index: faiss.Index
     if kind == "exact":
         index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, int(options.hnsw_m), faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = int(options.hnsw_ef_construction)
-        index.hnsw.efSearch = int(options.hnsw_ef_search)
+        hnsw = faiss.IndexHNSWFlat(dim, int(options.hnsw_m), faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = int(options.hnsw_ef_construction)
+        hnsw.hnsw.efSearch = int(options.hnsw_ef_search)
+        index = hnsw
     else:
         nlist = options.ivf_nlist or max(1, int(4 * math.sqrt(n)))
         nlist = min(nlist, n)
         quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = int(options.seed)
-        index.cp.min_points_per_centroid = 1  # small catalogues: no stderr warning from faiss
-        index.cp.max_points_per_centroid = 64  # coarse k-means on <= 64 * nlist points, not the catalogue
-        index.train(x)
-        index.nprobe = min(int(options.ivf_nprobe), nlist)
+        ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf.cp.seed = int(options.seed)
+        ivf.cp.min_points_per_centroid = 1  # small catalogues: no stderr warning from faiss
+        ivf.cp.max_points_per_centroid = 64  # coarse k-means on <= 64 * nlist points, not the catalogue
+        ivf.train(x)
+        ivf.nprobe = min(int(options.ivf_nprobe), nlist)
+        index = ivf
     index.add(x)
     return index
 
@@ -283,7 +290,8 @@ def set_search_params(index: faiss.Index, options: IndexOptions) -> None:
     if hnsw is not None:
         hnsw.efSearch = int(options.hnsw_ef_search)
     if hasattr(index, "nprobe"):
-        index.nprobe = min(int(options.ivf_nprobe), int(index.nlist))
+        ivf = cast("faiss.IndexIVF", index)  # the IVF family is what has nprobe (and nlist)
+        ivf.nprobe = min(int(options.ivf_nprobe), int(ivf.nlist))
 
 
 def search(

@@ -33,7 +33,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -581,7 +581,7 @@ def _pack(arr: np.ndarray, spec: CodeSpec) -> list[bytes]:
     """One ``bytes`` per row: the row's integers, little-endian ``spec.dtype``."""
     packed = np.ascontiguousarray(arr, dtype=np.dtype(spec.dtype))
     row = np.dtype((np.void, packed.dtype.itemsize * spec.width))
-    return packed.view(row).reshape(-1).tolist()
+    return cast(list[bytes], packed.view(row).reshape(-1).tolist())
 
 
 def _unpack(blobs: list[bytes], spec: CodeSpec) -> np.ndarray:

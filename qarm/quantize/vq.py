@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -186,6 +186,22 @@ class TopKCodes:
         return faiss_ops.l2_normalize(x) if self.normalize else x
 
     # ------------------------------------------------------------------ codes
+    @overload
+    def transform(
+        self, vectors: np.ndarray, item_ids: Any = None, *, return_scores: Literal[False] = False,
+        _preprocessed: bool = False,
+    ) -> np.ndarray: ...
+
+    @overload
+    def transform(
+        self, vectors: np.ndarray, item_ids: Any = None, *, return_scores: Literal[True], _preprocessed: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    @overload
+    def transform(
+        self, vectors: np.ndarray, item_ids: Any = None, *, return_scores: bool, _preprocessed: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]: ...
+
     def transform(
         self,
         vectors: np.ndarray,
@@ -233,14 +249,16 @@ class TopKCodes:
             # A catalogue item is its own nearest neighbour. When the approximate search did not even
             # find the item itself, it ended in the wrong region of the graph (or the wrong IVF lists);
             # its neighbours are then mostly wrong, so such rows -- rare -- are searched again exactly.
-            found = self.item_ids_[np.maximum(labels, 0)] == ids[:, None]  # type: ignore[index]
+            assert ids is not None  # drop_self implies ids
+            found = self.item_ids_[np.maximum(labels, 0)] == ids[:, None]
             astray = np.flatnonzero(np.isin(ids, self.item_ids_) & ~(found & (labels >= 0)).any(axis=1))
             if len(astray):
                 exact = faiss_ops.build_index(self.vectors_, "exact")
                 scores[astray], labels[astray] = faiss_ops.search(exact, x[astray], width)
                 n_researched = int(len(astray))
         if drop_self:
-            scores, labels = _drop_self(scores, labels, self.item_ids_, ids)  # type: ignore[arg-type]
+            assert ids is not None  # drop_self implies ids
+            scores, labels = _drop_self(scores, labels, self.item_ids_, ids)
         if (labels < 0).any():
             bad = np.flatnonzero((labels < 0).any(axis=1))
             raise QarmError(f"the {self.index_kind_} index returned fewer than {k} neighbours for "

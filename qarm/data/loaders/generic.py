@@ -317,6 +317,7 @@ def read_items(
             npy = data_file(folder, source.path, f"items.vectors.{name}.path", mapping_path)
             vectors[name] = npy_vectors(npy, name, len(table), f)
         else:
+            assert source.column is not None  # check_mapping: exactly one of path and column
             vectors[name] = column_vectors(table, source.column, name, f)
     return items, vectors, f
 

@@ -42,7 +42,9 @@ def load_microlens(source: Path, config: MicroLensConfig) -> Dataset:
                       keep_default_na=False)
     items = pd.DataFrame({"source_id": titles["item"].str.strip(), "title": titles["title"].fillna("")})
 
-    users, item_ids, order = [], [], []
+    users: list[str] = []
+    item_ids: list[str] = []
+    order: list[int] = []
     for line_no, line in enumerate(read_lines(pairs_path), start=1):
         head, sep, rest = line.partition("\t")
         if not sep:

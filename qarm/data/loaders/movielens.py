@@ -171,7 +171,7 @@ def title_variants(title: str) -> list[str]:
     title in trailing parentheses (``"City of Lost Children, The (Cité des enfants perdus, La) (1995)"`` ->
     ``["the city of lost children", "la cite des enfants perdus"]``), ``a.k.a.`` dropped."""
     rest = _YEAR_SUFFIX.sub("", title.strip())
-    alternatives = []
+    alternatives: list[str] = []
     while (match := _PAREN_SUFFIX.match(rest)) is not None:
         rest, alternative = match.group(1), match.group(2)
         alternatives.insert(0, alternative)
@@ -320,9 +320,9 @@ def _ml1m_title_index(extra: list[list[str]], movies_path: Path) -> tuple[TitleI
     and `` - `` (so that ``Star Wars (1977)`` finds ``Star Wars: Episode IV - A New Hope``)."""
     titles: list[tuple[int, str, int]] = []  # (row of the extra-info file, title, year)
     for row, fields in enumerate(extra):
-        year = fields[2].strip()
-        if year.isdigit():
-            titles.append((row, fields[1], int(year)))
+        year_text = fields[2].strip()
+        if year_text.isdigit():
+            titles.append((row, fields[1], int(year_text)))
     if movies_path.is_file():
         row_of_id = {fields[0].strip(): row for row, fields in enumerate(extra)}
         for line_no, line in enumerate(read_lines(movies_path, encoding="latin-1"), start=1):

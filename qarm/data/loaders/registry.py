@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from qarm.config import from_dict
 from qarm.data.schema import Dataset
@@ -30,14 +30,19 @@ class LoaderSpec:
 
 LOADERS: dict[str, LoaderSpec] = {}
 
+# A loader's own signature: ``(source: Path, config)``, or ``(source: Path | None, config)`` with needs_source=False.
+LoaderFn = TypeVar("LoaderFn", bound=Callable[[Path, Any], Dataset])
+
 
 def register(
     name: str, *, config: type, description: str, shared_folder: str | None = None, needs_source: bool = True
-) -> Callable[[Callable[[Path | None, Any], Dataset]], Callable[[Path | None, Any], Dataset]]:
-    def wrap(fn: Callable[[Path | None, Any], Dataset]) -> Callable[[Path | None, Any], Dataset]:
+) -> Callable[[LoaderFn], LoaderFn]:
+    def wrap(fn: LoaderFn) -> LoaderFn:
         if name in LOADERS:
             raise RuntimeError(f"loader {name!r} registered twice")
-        LOADERS[name] = LoaderSpec(name, fn, config, description, shared_folder, needs_source)
+        # resolve_source gives None only to loaders registered with needs_source=False, which accept it
+        load_fn = cast(Callable[[Path | None, Any], Dataset], fn)
+        LOADERS[name] = LoaderSpec(name, load_fn, config, description, shared_folder, needs_source)
         return fn
 
     return wrap
@@ -59,9 +64,9 @@ def resolve_source(spec: LoaderSpec, source: str | Path | None) -> Path | None:
             raise DataError(f"{path}: source not found for dataset {spec.name!r}")
         return path
     if spec.shared_folder:
-        path = shared_dataset_path(spec.shared_folder)
-        if path is not None:
-            return path
+        shared = shared_dataset_path(spec.shared_folder)
+        if shared is not None:
+            return shared
         root = find_shared_data()
         where = f"{root}/{spec.shared_folder}" if root else f"../shared/data/{spec.shared_folder}"
         raise DataError(f"no --source given for dataset {spec.name!r} and {where} does not exist")
@@ -71,5 +76,5 @@ def resolve_source(spec: LoaderSpec, source: str | Path | None) -> Path | None:
 def load(name: str, source: str | Path | None = None, options: dict[str, Any] | None = None) -> Dataset:
     """Read dataset ``name`` from ``source`` with loader ``options`` (validated against its config)."""
     spec = get_loader(name)
-    config = from_dict(spec.config_cls, options or {}, where=f"{name} loader options")
+    config: Any = from_dict(spec.config_cls, options or {}, where=f"{name} loader options")
     return spec.load(resolve_source(spec, source), config)

@@ -24,8 +24,18 @@ from qarm.errors import ConfigError
 from qarm.features.batch import RankingBatch
 from qarm.features.examples import FeatureSpec
 from qarm.features.tables import ItemTables
-from qarm.models.layers import (CategoricalEmbeddings, FrozenVector, IdEmbedding, MMoE, MMoEConfig,
-                                TargetAttention, embed_unique, embedding_table, pack, required)
+from qarm.models.layers import (
+    CategoricalEmbeddings,
+    FrozenVector,
+    IdEmbedding,
+    MMoE,
+    MMoEConfig,
+    TargetAttention,
+    embed_unique,
+    embedding_table,
+    pack,
+    required,
+)
 from qarm.quantize._common import check_bool, check_int
 
 

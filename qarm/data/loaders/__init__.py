@@ -1,4 +1,5 @@
 """Dataset loaders. Importing this package registers every built-in loader."""
+# ruff: noqa: I001  (registration order: the registry first, then the loaders that register themselves)
 
 from qarm.data.loaders.registry import LOADERS, LoaderSpec, get_loader, load, register
 

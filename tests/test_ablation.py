@@ -213,3 +213,38 @@ def test_logloss_tables_show_the_constant_and_mark_worse_models():
     text = render_markdown(reports, "click", "logloss")
     assert "| good | 0.4500 |" in text and "| bad | 0.5500 (!) |" in text
     assert "| constant (the segment's base rate) | 0.5000 |" in text
+
+
+def test_sigterm_stops_the_workers_of_a_parallel_ablation(folders, tmp_path):
+    """Killing `qarm ablate` (a scheduler's SIGTERM) must not leave its worker processes training into the
+    run folders as orphans."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    command = [sys.executable, "-c", "from qarm.cli import app; app()", "ablate", str(folders / "data"),
+               "--out", str(tmp_path / "out"), "--codes", str(folders / "quantize"), "--vectors",
+               str(folders / "align"), "--set", "studies=[table1]", "--set", "rows=[ID-only, Baseline]",
+               "--set", "seeds=[0]", "--set", "workers=2", "--set", "history_length=10", "--set",
+               "train.epochs=1000"]
+    parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        workers: list[psutil.Process] = []
+        while time.monotonic() < deadline and len(workers) < 2:
+            workers = [p for p in psutil.Process(parent.pid).children(recursive=True)
+                       if "spawn_main" in " ".join(p.cmdline())]
+            time.sleep(0.5)
+        assert len(workers) == 2, "the ablation never started its two workers"
+        time.sleep(3)  # the workers are training now
+        os.kill(parent.pid, signal.SIGTERM)
+        assert parent.wait(timeout=60) == 128 + signal.SIGTERM
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, f"workers left running: {[p.pid for p in alive]}"
+    finally:
+        if parent.poll() is None:
+            parent.kill()

@@ -31,13 +31,16 @@ Out folder::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import platform
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -276,20 +279,49 @@ def run_ablation(dataset_dir: str | Path, out_dir: str | Path, config: AblationC
             say(_run_line(job_id, reports[job_id]))
     else:
         del source, tables  # each worker reads its own (a few seconds), the parent holds nothing big
-        with ProcessPoolExecutor(max_workers=config.workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(_train_in_worker, str(dataset_dir), None if quantize_dir is None else str(quantize_dir),
-                                   None if align_dir is None else str(align_dir), to_dict(jobs[job_id]["config"]),
-                                   str(jobs[job_id]["dir"]), fresh): job_id for job_id in todo}
-            for future in as_completed(futures):
-                job_id = futures[future]
-                reports[job_id] = future.result()
-                say(_run_line(job_id, reports[job_id]))
+        with _terminate_on_sigterm(), ProcessPoolExecutor(max_workers=config.workers,
+                                                          mp_context=get_context("spawn")) as pool:
+            try:
+                futures = {pool.submit(_train_in_worker, str(dataset_dir),
+                                       None if quantize_dir is None else str(quantize_dir),
+                                       None if align_dir is None else str(align_dir), to_dict(jobs[job_id]["config"]),
+                                       str(jobs[job_id]["dir"]), fresh): job_id for job_id in todo}
+                for future in as_completed(futures):
+                    job_id = futures[future]
+                    reports[job_id] = future.result()
+                    say(_run_line(job_id, reports[job_id]))
+            except BaseException:
+                # A failed run, Ctrl-C or SIGTERM: stop every worker now. Left alone they would go on training
+                # into the run folders as orphans, beside the next call's workers.
+                for process in list((pool._processes or {}).values()):  # no public API for the pool's processes
+                    process.terminate()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
 
     result = _assemble(config, variants, reports, time.perf_counter() - start)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{report_name}.json", result)
     atomic_write_bytes(out / f"{report_name}.md", render_ablation(result).encode("utf-8"))
     return result
+
+
+@contextlib.contextmanager
+def _terminate_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises SystemExit(143) in the main thread while the block runs, so that the pool's workers
+    are stopped by the ``except`` above instead of outliving their parent (the default SIGTERM kills the
+    parent alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_dir(out: Path, key: str, seed: int) -> Path:

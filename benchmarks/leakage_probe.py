@@ -87,6 +87,8 @@ def main() -> int:
              "|---|---|---:|---:|---:|---:|"]
     for name, both in rows.items():
         for label, probe in both.items():
+            if label == "before" and not probe["sampled_negatives"]:
+                continue  # real negatives: the sampler plays no part, one row says it
             cells = []
             for score in ("item_ratio", "popularity"):
                 for part in ("valid", "test"):

@@ -22,6 +22,7 @@ from qarm.models.layers import (
     RQEmbedding,
     TargetAttention,
     VQEmbedding,
+    bag_sum,
     embed_unique,
     pack,
 )
@@ -149,6 +150,33 @@ def test_vq_embedding_takes_the_first_k_codes_and_skips_missing_ones():
     torch.testing.assert_close(out[1], w[0])  # the missing neighbour is left out of the mean
     with pytest.raises(ConfigError, match=r"vq_k must be in 1..3"):
         VQEmbedding(codes, 4, 5, k=4)
+
+
+def test_bag_sum_forward_and_gradient_equal_a_gather_and_sum():
+    """The transposed-bag backward against autograd through a plain gather (duplicates, zero weights)."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(30, 6, generator=g, requires_grad=True)
+    index = torch.randint(0, 30, (40, 5), generator=g)
+    index[3] = 7  # one row reads the same code five times
+    psw = torch.rand(40, 5, generator=g)
+    psw[5, 2:] = 0.0
+    upstream = torch.randn(40, 6, generator=g)
+    (bag_sum(weight, index, psw) * upstream).sum().backward()
+    ours = weight.grad.clone()
+    weight.grad = None
+    reference = (weight[index] * psw.unsqueeze(-1)).sum(1)
+    (reference * upstream).sum().backward()
+    torch.testing.assert_close(bag_sum(weight, index, psw), reference)
+    torch.testing.assert_close(ours, weight.grad)
+    assert torch.autograd.gradcheck(lambda w: bag_sum(w, index[:6], psw[:6].double()),
+                                    (weight.detach()[:, :2].double().requires_grad_(),))
+
+
+def test_vq_embedding_gradient_skips_missing_codes():
+    emb = VQEmbedding(np.array([[2, 3, -1], [0, -1, -1]]), n_catalogue=4, dim=3)
+    emb(torch.tensor([0, 1, 1])).sum().backward()
+    expected = torch.tensor([2.0, 0.0, 0.5, 0.5, 0.0]).unsqueeze(1).expand(5, 3)  # row 4: the padding row
+    torch.testing.assert_close(emb.table.weight.grad, expected)
 
 
 def test_rq_embedding_sums_one_table_per_level():

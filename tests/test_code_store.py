@@ -8,13 +8,10 @@ no server can be started (CI installs Debian's ``redis-server``).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,59 +22,6 @@ from qarm.errors import ConfigError, DataError
 from qarm.quantize.store import CodeStore, CodeVersionError, RedisCodeStore, SQLiteCodeStore, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-# --------------------------------------------------------------------------------- a real Redis
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Start ``redis-server`` on 127.0.0.1:<free port>; yield its URL; stop it."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server); "
-                    "the Redis code-store tests need a real server")
-    import redis
-
-    workdir = tmp_path_factory.mktemp("redis")
-    log = workdir / "redis.log"
-    proc = None
-    for _ in range(3):  # another process may take the free port between finding and binding it
-        port = _free_port()
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(workdir), "--logfile", str(log)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(host="127.0.0.1", port=port)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        else:
-            proc.kill()
-            proc.wait()
-            continue
-        client.close()
-        break
-    else:
-        text = log.read_text() if log.exists() else ""
-        pytest.skip(f"redis-server could not be started on 127.0.0.1 (log: {text[-500:]!r})")
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # --------------------------------------------------------------------------------- both backends

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 
 from qarm.errors import DataError
@@ -79,3 +80,32 @@ class RankingBatch:
         moved: dict[str, Any] = {f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
                                  for f in fields(self)}
         return RankingBatch(**moved)
+
+
+def assemble_batch(user: np.ndarray, item: np.ndarray, history: np.ndarray, *, labels: np.ndarray | None = None,
+                   user_feature_codes: np.ndarray | None = None, item_category: np.ndarray | None = None,
+                   row: np.ndarray | None = None) -> RankingBatch:
+    """A :class:`RankingBatch` from per-example ids and the per-user / per-item side tables.
+
+    The one place where examples become a batch: training and evaluation (:meth:`ExampleSource.batch`)
+    and serving (:class:`qarm.serve.scorer.Scorer`) both call it, so a served request is the same batch as
+    the offline example it reproduces.
+
+    Parameters
+    ----------
+    user, item : int64 arrays (B,)
+    history : int64 array (B, n), most recent first, -1 in empty slots
+    labels : float32 array (B, T) or None
+    user_feature_codes : int64 array (n_users, F) or None, looked up by ``user``
+    item_category : int64 array (n_items,) or None, looked up by ``item``
+    row : int64 array (B,) or None
+    """
+    return RankingBatch(
+        user=torch.from_numpy(np.ascontiguousarray(user, dtype=np.int64)),
+        item=torch.from_numpy(np.ascontiguousarray(item, dtype=np.int64)),
+        history=torch.from_numpy(np.ascontiguousarray(history, dtype=np.int64)),
+        labels=None if labels is None else torch.from_numpy(labels),
+        user_features=None if user_feature_codes is None else torch.from_numpy(user_feature_codes[user]),
+        category=None if item_category is None else torch.from_numpy(item_category[item]),
+        row=None if row is None else torch.from_numpy(row),
+    )

@@ -22,13 +22,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from qarm.data import schema as S
 from qarm.data.io import load_dataset
 from qarm.data.schema import Dataset
 from qarm.errors import ConfigError, DataError
-from qarm.features.batch import RankingBatch
+from qarm.features.batch import RankingBatch, assemble_batch
 from qarm.features.history import HistoryIndex
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -175,17 +174,9 @@ class ExampleSource:
     def batch(self, rows: np.ndarray) -> RankingBatch:
         """The examples at ``rows`` (int array (B,)) as a :class:`RankingBatch`."""
         rows = np.asarray(rows, dtype=np.int64)
-        item = self.item[rows]
-        return RankingBatch(
-            user=torch.from_numpy(self.user[rows]),
-            item=torch.from_numpy(item),
-            history=torch.from_numpy(self.history.gather(rows, self.history_length)),
-            labels=torch.from_numpy(self.labels[rows]),
-            user_features=None if self.user_feature_codes is None
-            else torch.from_numpy(self.user_feature_codes[self.user[rows]]),
-            category=None if self.item_category is None else torch.from_numpy(self.item_category[item]),
-            row=torch.from_numpy(rows),
-        )
+        return assemble_batch(self.user[rows], self.item[rows], self.history.gather(rows, self.history_length),
+                              labels=self.labels[rows], user_feature_codes=self.user_feature_codes,
+                              item_category=self.item_category, row=rows)
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                 start: int = 0) -> Iterator[RankingBatch]:

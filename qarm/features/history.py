@@ -44,8 +44,8 @@ class HistoryIndex:
     ----------
     items : int64 array of shape (n_positives,)
         The positives' item ids, sorted by (user, seq).
-    seq, time : int64 arrays of shape (n_positives,)
-        Their ``seq`` and ``time``, in the same order (kept for checks and tests).
+    users, seq, time : int64 arrays of shape (n_positives,)
+        Their user, ``seq`` and ``time``, in the same order.
     cutoff : int64 array of shape (n_rows,)
         For row ``r``: the index into ``items`` one past the user's last positive before ``r``.
     start : int64 array of shape (n_rows,)
@@ -79,6 +79,7 @@ class HistoryIndex:
         self.seq = seq[order]
         self.time = time[order]
         pos_user = user[order]
+        self.users = pos_user
         # time is non-decreasing in seq within a user, so both keys are sorted in this order.
         pos_seq_key, pos_time_key = seq_key[order], time_key[order]
         self.cutoff = np.minimum(np.searchsorted(pos_seq_key, seq_key, side="left"),

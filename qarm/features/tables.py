@@ -55,6 +55,8 @@ class ItemTables:
         Each item's text (end-to-end content models).
     modalities : dict name -> float32 array (n_items, D)
         The dataset's modality vectors (``Dataset.item_vectors``: image, audio, ...), raw.
+    catalogue_size : int or None
+        Items ``0..catalogue_size-1`` are the VQ catalogue; None: all of them (see :attr:`n_catalogue`).
     """
 
     id_index: np.ndarray
@@ -65,10 +67,17 @@ class ItemTables:
     codes_version: str | None = None
     texts: list[str] | None = None
     modalities: dict[str, np.ndarray] = field(default_factory=dict)
+    catalogue_size: int | None = None
 
     @property
     def n_items(self) -> int:
         return len(self.id_index)
+
+    @property
+    def n_catalogue(self) -> int:
+        """VQ codes name items ``0..n_catalogue-1`` (the catalogue the VQ codebook was fit on): ``n_items``
+        unless a server appended items after it (``catalogue_size``), which codes never name."""
+        return self.n_items if self.catalogue_size is None else self.catalogue_size
 
     @property
     def n_vocab(self) -> int:

@@ -283,7 +283,8 @@ class VQEmbedding(nn.Module):
     Parameters
     ----------
     codes : int array (n_items, K_stored)
-        VQ codes, most similar first; -1 marks a missing neighbour (left out of the mean).
+        VQ codes, most similar first; -1 marks a missing neighbour (left out of the mean), as does a code
+        ``>= n_catalogue`` (an item added to the catalogue after training: it has no trained row).
     n_catalogue : int
         Code values lie in ``0..n_catalogue-1``.
     dim : int
@@ -301,7 +302,8 @@ class VQEmbedding(nn.Module):
         if not 1 <= k <= codes.shape[1]:
             raise ConfigError(f"vq_k must be in 1..{codes.shape[1]} (the stored K), got {k}")
         codes = codes[:, :k].clone()
-        present = codes >= 0
+        # A code outside the catalogue (an item a server added after training) has no trained row either.
+        present = (codes >= 0) & (codes < n_catalogue)
         codes[~present] = n_catalogue  # the padding row (zero, weight 0: left out of the mean)
         # The mean as a weighted sum: 1 / (codes present) each, 0 for a missing one. A weighted sum is
         # embedding_bag's fast kernel; its ``padding_idx`` path is ten times slower on CPU.

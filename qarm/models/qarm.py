@@ -113,7 +113,7 @@ class QARMRanker(nn.Module):
         # Item side: ID, frozen vector, VQ codes, RQ codes; each optional but the ID.
         self.item_id = IdEmbedding(tables.id_index, c.id_dim)
         self.vector = FrozenVector(tables.vectors[c.vector], c.vector_dim) if c.vector != "none" else None
-        self.vq = VQEmbedding(required_codes(tables.vq, "vq"), tables.n_items, c.code_dim, c.vq_k) \
+        self.vq = VQEmbedding(required_codes(tables.vq, "vq"), tables.n_catalogue, c.code_dim, c.vq_k) \
             if c.use_vq else None
         self.rq = RQEmbedding(required_codes(tables.rq, "rq"), tables.rq_sizes, c.code_dim) if c.use_rq else None
         item_dim = c.id_dim + (c.vector_dim if self.vector is not None else 0) \

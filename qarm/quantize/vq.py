@@ -266,6 +266,21 @@ class TopKCodes:
                             f"ivf_nprobe or use index='exact'")
         return self.item_ids_[labels], scores, n_researched
 
+    def add_items(self, vectors: np.ndarray, item_ids: Any) -> TopKCodes:
+        """Add items to the searched catalogue (a server's new uploads), without refitting anything:
+        later :meth:`transform` calls may name them. ``version_`` stays the fitted codebook's (what the
+        codes of the fitted catalogue were made with); the additions are the caller's live state."""
+        self._fitted()
+        x = self._preprocess(vectors, dim=self.n_features_in_)
+        ids = as_item_ids(item_ids, len(x))
+        clash = np.intersect1d(ids, self.item_ids_)
+        if len(clash):
+            raise DataError("items already in the VQ catalogue", ids=clash)
+        self.index_.add(x)
+        self.item_ids_ = np.concatenate([self.item_ids_, ids])
+        self.vectors_ = np.concatenate([self.vectors_, x])
+        return self
+
     def recall_against_exact(self, sample_size: int = 10_000, random_state: int | None = None) -> dict[str, Any]:
         """Overlap of the index's codes with exact top-k codes on a random sample of catalogue items.
 

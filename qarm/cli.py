@@ -378,3 +378,65 @@ def leaderboard(
 
 if __name__ == "__main__":  # pragma: no cover
     app()
+
+
+@app.command("export")
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A `qarm run` folder, or one ranking run inside it.")],
+    to: Annotated[Path, typer.Option(help="The bundles' folder (MODELS_DIR); the version goes to versions/<v>/.")],
+    row: Annotated[str | None, typer.Option(help="Ablation row of a `qarm run` folder (default: '+ VQ & RQ').")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of that row (default: its first).")] = None,
+    keep: Annotated[int, typer.Option(help="Versions kept (oldest removed first; the current one never).")] = 3,
+    version: Annotated[str | None, typer.Option(help="Version name (default: v<UTC time>-<content hash>).")] = None,
+    current: Annotated[bool, typer.Option(help="Make the new version current (atomic pointer swap).")] = True,
+) -> None:
+    """Export a trained ranking run as a versioned, hash-checked serving bundle."""
+    from qarm.serve.bundle import export_bundle
+
+    try:
+        manifest = export_bundle(run_dir, to, row=row, seed=seed, keep=keep, version=version, make_current=current,
+                                 log=lambda msg: console.print(msg, highlight=False, markup=False))
+    except QarmError as exc:
+        _fail(exc)
+    typer.echo(manifest["version"])
+
+
+@app.command()
+def serve(
+    models_dir: Annotated[Path, typer.Argument(help="A bundles' folder (`qarm export --to`, or <run>/models).")],
+    store: Annotated[str | None, typer.Option(help="Live store: redis://host:port/db, or a SQLite file "
+                                              "(default: MODELS_DIR/live.sqlite).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes (more than 1 needs a Redis store).")] = 1,
+    threads: Annotated[int | None, typer.Option(help="Torch threads per worker (default: cores / workers).")] = None,
+    reload_interval: Annotated[float, typer.Option(help="Seconds between checks of MODELS_DIR/CURRENT "
+                                                   "(0: no hot reload).")] = 1.0,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+) -> None:
+    """Serve the current bundle over HTTP (FastAPI + uvicorn; OpenAPI at /docs)."""
+    import os
+
+    import uvicorn
+
+    from qarm.serve.bundle import current_version
+    from qarm.serve.store import open_live_store
+
+    if workers < 1:
+        _fail(ConfigError(f"--workers must be >= 1, got {workers}"))
+    target = store or str(models_dir / "live.sqlite")
+    if workers > 1 and not target.startswith(("redis://", "rediss://", "unix://")):
+        _fail(ConfigError("--workers > 1 needs a shared Redis store (--store redis://...); the SQLite store is for "
+                          "one process"))
+    try:
+        if current_version(models_dir) is None:
+            raise ConfigError(f"{models_dir}: no current bundle; run `qarm export RUN_DIR --to {models_dir}` first")
+        open_live_store(target).close()  # fail here, not in every worker, when the store cannot be opened
+    except QarmError as exc:
+        _fail(exc)
+    os.environ.update(QARM_MODELS_DIR=str(models_dir), QARM_STORE=target, QARM_RELOAD_INTERVAL=str(reload_interval),
+                      QARM_THREADS=str(threads or max(1, (os.cpu_count() or 1) // workers)))
+    console.print(f"serving {models_dir} (version {current_version(models_dir)}) on http://{host}:{port} "
+                  f"with {workers} worker(s), store {target}", highlight=False, markup=False)
+    uvicorn.run("qarm.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers,
+                log_level=log_level, access_log=False)

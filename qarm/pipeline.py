@@ -39,6 +39,7 @@ from qarm.data.io import atomic_write_bytes, load_dataset, write_json
 from qarm.data.prepare import PrepareConfig, prepare
 from qarm.evaluate.leakage import describe_with_probe
 from qarm.quantize.api import QuantizeConfig, RQConfig, quantize_items
+from qarm.serve.bundle import CURRENT_FILE, DEFAULT_ROW, current_version, export_bundle
 from qarm.train.ablation import ABLATION_FILE, AblationConfig, render_ablation, run_ablation
 from qarm.train.trainer import TrainConfig
 
@@ -142,6 +143,11 @@ def run_pipeline(config: RunConfig, out: str | Path, *, fresh: bool = False, log
                lambda: run_ablation(data_dir, rank_dir, config.rank, quantize_dir=quantize_dir, align_dir=align_dir,
                                     progress=config.rank.workers == 1, log=log, fresh=fresh))
 
+    # The QARM model as a serving bundle (`qarm serve <out>/models`); a new version each time rank re-runs.
+    models_dir = out / "models"
+    stages.run("export", {"row": DEFAULT_ROW, "keep": 3}, ("rank",), models_dir / CURRENT_FILE,
+               lambda: export_bundle(out, models_dir, row=DEFAULT_ROW, keep=3, log=log))
+
     start = time.perf_counter()
     align_report = json.loads((align_dir / "align_report.json").read_text())
     quantize_quality = json.loads((quantize_dir / "quality.json").read_text())
@@ -157,6 +163,7 @@ def run_pipeline(config: RunConfig, out: str | Path, *, fresh: bool = False, log
         "align": {k: align_report[k] for k in ("user2item", "pairs", "evaluation", "seconds")},
         "codes": quantize_quality,
         "ranking": ranking,
+        "serving": {"models_dir": str(models_dir), "version": current_version(models_dir)},
     }
     report["seconds"]["report"] = round(time.perf_counter() - start, 2)
     write_json(out / "report.json", report)
@@ -173,6 +180,10 @@ def render_report(report: dict[str, Any], out: Path) -> str:
            (out / "align" / "align_report.md").read_text().split("\n", 2)[2], "## Codes", "",
            (out / "quantize" / "quality.md").read_text(), "## Ranking", "",
            render_ablation(report["ranking"]).split("\n", 2)[2].replace("\n## ", "\n### ")]
+    serving = report.get("serving") or {}
+    if serving.get("version"):
+        md += ["## Serving", "", f"QARM ({DEFAULT_ROW}) exported as bundle `{serving['version']}` to "
+               f"`{serving['models_dir']}`; serve it with `qarm serve {serving['models_dir']}` (docs/serving.md).", ""]
     return "\n".join(md)
 
 

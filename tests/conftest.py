@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -85,3 +86,29 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# ------------------------------------------------------------------------------- a trained bundle
+SMALL_RUN: dict[str, Any] = {
+    "loader_options": {"n_items": 1200, "n_users": 400, "n_interactions": 30_000},
+    "align": {"user2item": {"epochs": 1}, "train": {"max_steps": 30, "eval_every": 15}, "tsne_sample": 0},
+    "quantize": {"rq": {"codebook_size": 16}},
+    "rank": {"rows": ["ID-only", "+ VQ & RQ"], "train": {"epochs": 1}},
+}
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic `qarm run` (~15 s): a trained QARM model exported to <run>/models, for the serving tests."""
+    from qarm.pipeline import run_config_from_dict, run_pipeline
+
+    out = tmp_path_factory.mktemp("serve") / "run"
+    run_pipeline(run_config_from_dict(SMALL_RUN), out, log=lambda line: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def text_model():  # one MiniLM for the module's apps (the service shares one per process anyway)
+    from qarm.serve.scorer import shared_text_model
+
+    return shared_text_model()

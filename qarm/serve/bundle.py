@@ -27,6 +27,7 @@ kept (the current one is never deleted). Everything is JSON, Parquet or safetens
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import platform
@@ -217,7 +218,7 @@ def export_bundle(run_dir: str | Path, models_dir: str | Path, *, row: str | Non
         raise
     if make_current:
         set_current(models_dir, version)
-    removed = prune_versions(models_dir, keep)
+    removed = prune_versions(models_dir, keep, protect=(version,))
     say(f"export: {model_name} -> {final} in {time.perf_counter() - start:.1f} s"
         + (f" (current; removed {removed})" if removed else " (current)" if make_current else ""))
     return manifest
@@ -318,11 +319,13 @@ def list_versions(models_dir: str | Path) -> list[str]:
                   and (p / READY_FILE).exists())
 
 
-def prune_versions(models_dir: str | Path, keep: int) -> list[str]:
-    """Remove the oldest ready versions beyond ``keep`` (never the current one); return their names."""
+def prune_versions(models_dir: str | Path, keep: int, protect: tuple[str, ...] = ()) -> list[str]:
+    """Remove the oldest ready versions beyond ``keep`` (never the current one, nor those in ``protect``);
+    return their names."""
     current = current_version(models_dir)
-    versions = [v for v in list_versions(models_dir) if v != current]
-    excess = len(versions) + (1 if current else 0) - keep
+    kept = {current, *protect} - {None}
+    versions = [v for v in list_versions(models_dir) if v not in kept]
+    excess = len(versions) + len(kept) - keep
     removed = versions[:max(excess, 0)]
     for name in removed:
         shutil.rmtree(Path(models_dir) / VERSIONS_DIR / name, ignore_errors=True)
@@ -393,6 +396,10 @@ def load_bundle(folder: str | Path) -> Bundle:
     for name in (WEIGHTS_FILE, TABLES_FILE, IDS_FILE, RQ_FILE, VQ_FILE):
         if name not in files:
             raise BundleError(f"{folder}: the manifest lists no {name}")
+    present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} - {MANIFEST_FILE, READY_FILE}
+    unlisted = sorted(present - set(files))
+    if unlisted:
+        raise BundleError(f"{folder}: files the manifest does not list: {unlisted[:5]}; the bundle was modified")
     contents: dict[str, bytes] = {}
     for name, digest in files.items():
         data = _read(folder / name)
@@ -403,7 +410,7 @@ def load_bundle(folder: str | Path) -> Bundle:
     try:
         weights = load_torch_bytes(contents[WEIGHTS_FILE])
         arrays = dict(load_numpy_bytes(contents[TABLES_FILE]))
-        ids = pd.read_parquet(folder / IDS_FILE)
+        ids = pd.read_parquet(io.BytesIO(contents[IDS_FILE]))
     except Exception as exc:  # a hash-checked file that still does not parse: a bundle of another build
         raise BundleError(f"{folder}: cannot parse its files ({type(exc).__name__}: {exc})") from exc
     spec = manifest["spec"]

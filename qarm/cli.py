@@ -306,10 +306,38 @@ def train(
                                                 "qarm.train.stage.RankingConfig.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE, e.g. train.epochs=2 or "
                                                    "model_config.use_vq=false")] = None,
+    warm_start: Annotated[Path | None, typer.Option(help="Continue the last model: a ranking run, a `qarm run` "
+                                                    "folder, a bundle or a bundles' folder (its current version); "
+                                                    "needs --window.")] = None,
+    window: Annotated[str | None, typer.Option(help="START:END (the log's time unit, either side may be empty): "
+                                               "the events a --warm-start trains on.")] = None,
+    replay_fraction: Annotated[float, typer.Option(help="With --warm-start: older events mixed in, as a share of "
+                                                   "the window's.")] = 0.0,
 ) -> None:
-    """Train and evaluate one ranking model (AUC / UAUC / GAUC / logloss per segment)."""
+    """Train and evaluate one ranking model (AUC / UAUC / GAUC / logloss per segment), or with --warm-start
+    continue the last one on a time window (then `qarm export OUT` serves it)."""
     from qarm.evaluate.report import write_report
     from qarm.train.stage import RankingConfig, train_ranking
+
+    if (warm_start is None) != (window is None):
+        _fail(ConfigError("--warm-start and --window go together"))
+    if warm_start is not None and window is not None:
+        from qarm.train.continual import parse_window, train_warm_start
+        from qarm.train.trainer import TrainConfig
+
+        try:
+            sets = merge(load_yaml(config) if config else {}, parse_sets(set_))
+            unknown = sorted(set(sets) - {"train"})
+            if unknown:
+                raise ConfigError(f"with --warm-start the model and its config are the last model's; only train.* "
+                                  f"settings apply (got {unknown})")
+            train_config = TrainConfig.from_dict({"epochs": 1, **(sets.get("train") or {})})
+            train_warm_start(data, out, warm_start, parse_window(window), quantize_dir=codes, align_dir=vectors,
+                             train_config=train_config, replay_fraction=replay_fraction, resume=not fresh,
+                             progress=True, log=lambda msg: console.print(msg, highlight=False, markup=False))
+        except QarmError as exc:
+            _fail(exc)
+        return
 
     try:
         options = merge(load_yaml(config) if config else {}, parse_sets(set_))
@@ -378,6 +406,43 @@ def leaderboard(
 
 if __name__ == "__main__":  # pragma: no cover
     app()
+
+
+@app.command()
+def replay(
+    data: Annotated[Path, typer.Argument(help="A prepared, time-split dataset folder (`qarm data prepare`).")],
+    out: Annotated[Path, typer.Option(help="Output folder: replay.json, replay.md, replay.png, seed-<n>.json.")],
+    codes: Annotated[Path | None, typer.Option(help="A quantize folder (`qarm quantize`).")] = None,
+    vectors: Annotated[Path | None, typer.Option(help="An align folder (`qarm align`).")] = None,
+    days: Annotated[int, typer.Option(help="Days replayed after the time split's cut.")] = 14,
+    day_seconds: Annotated[int, typer.Option(help="One day in the log's time unit.")] = 86_400,
+    strategies: Annotated[str, typer.Option(help="Comma-separated: frozen, incremental, retrain.")] =
+        "frozen,incremental,retrain",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
+    config: Annotated[Path | None, typer.Option("--config", help="YAML with the fields of "
+                                                "qarm.train.continual.ReplayConfig.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE, e.g. model=id_only or "
+                                                   "incremental_epochs=2 or replay_fraction=0.5")] = None,
+) -> None:
+    """Day-by-day simulation: each day scored by yesterday's model; frozen, incremental and retrain updates."""
+    from qarm.train.continual import ReplayConfig
+    from qarm.train.continual import replay as run_replay
+
+    try:
+        options = merge(load_yaml(config) if config else {}, parse_sets(set_))
+        options.setdefault("days", days)
+        options.setdefault("day_seconds", day_seconds)
+        options.setdefault("strategies", [s.strip() for s in strategies.split(",") if s.strip()])
+        try:
+            options.setdefault("seeds", [int(s) for s in seeds.split(",") if s.strip()])
+        except ValueError as exc:
+            raise ConfigError(f"--seeds must be comma-separated integers, got {seeds!r}") from exc
+        replay_config = ReplayConfig.from_dict(options)
+        run_replay(data, out, replay_config, quantize_dir=codes, align_dir=vectors,
+                   log=lambda msg: console.print(msg, highlight=False, markup=False))
+    except QarmError as exc:
+        _fail(exc)
+    Console().print(Markdown((out / "replay.md").read_text()))
 
 
 @app.command("export")

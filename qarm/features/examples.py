@@ -15,6 +15,7 @@ epoch by skipping batches instead of saving a permutation.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,7 @@ class ExampleSource:
         self.spec = FeatureSpec(n_users=dataset.n_users, n_items=dataset.n_items, tasks=tasks,
                                 user_features=tuple(user_features), n_categories=n_categories,
                                 history_length=history_length)
+        self.window: dict[str, Any] | None = None
 
     @classmethod
     def from_folder(cls, path: str | Path, history_length: int = 50, *, validate: bool = True) -> ExampleSource:
@@ -154,6 +156,23 @@ class ExampleSource:
         if split not in SPLIT_NAMES:
             raise ConfigError(f"unknown split {split!r}; available: {list(SPLIT_NAMES)}")
         return np.flatnonzero(self.split == SPLIT_NAMES.index(split))
+
+    def view(self, train: np.ndarray, valid: np.ndarray | None = None, *,
+             window: dict[str, Any] | None = None) -> ExampleSource:
+        """The same examples with other splits: ``train`` rows to train on, ``valid`` rows (or none) to
+        validate on, no test rows. Arrays are shared, not copied; histories still see every past positive
+        (what a deployed model knows at an example's time). ``window`` describes the choice (it enters
+        :meth:`describe`, so a checkpoint of one window is never resumed on another)."""
+        out = copy.copy(self)
+        out.training = np.zeros(self.n_rows, dtype=bool)
+        out.training[np.asarray(train, dtype=np.int64)] = True
+        out.split = np.full(self.n_rows, -1, dtype=np.int8)
+        out.split[out.training] = 0
+        if valid is not None:
+            out.split[np.asarray(valid, dtype=np.int64)] = 1
+        out.window = dict(window or {}) | {"train_rows": int(out.training.sum()),
+                                           "valid_rows": 0 if valid is None else len(valid)}
+        return out
 
     def training_items(self) -> np.ndarray:
         """Items that are the target of at least one training row (the ID vocabulary): int64, sorted."""
@@ -203,7 +222,8 @@ class ExampleSource:
         """What identifies these examples (for checkpoints: a resumed run must read the same data)."""
         return {"dataset": self.meta.name, "rows": self.n_rows, "train_rows": int(self.training.sum()),
                 "positives": self.history.n_positives, "history_length": self.history_length,
-                "tasks": list(self.tasks), "n_items": self.spec.n_items, "n_users": self.spec.n_users}
+                "tasks": list(self.tasks), "n_items": self.spec.n_items, "n_users": self.spec.n_users,
+                **({"window": self.window} if self.window is not None else {})}
 
 
 def _bool_column(frame: pd.DataFrame, name: str) -> np.ndarray:

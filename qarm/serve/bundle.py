@@ -26,6 +26,7 @@ kept (the current one is never deleted). Everything is JSON, Parquet or safetens
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -53,6 +54,7 @@ from qarm.data.io import atomic_write_bytes, load_dataset, write_json
 from qarm.errors import ConfigError, DataError, QarmError
 from qarm.features.examples import ExampleSource, FeatureSpec
 from qarm.features.tables import ItemTables
+from qarm.train.continual import VOCABULARY_FILE
 
 BUNDLE_FORMAT = "qarm.bundle/1"
 CURRENT_FILE = "CURRENT"
@@ -92,6 +94,11 @@ def find_run(path: str | Path, *, row: str | None = None, seed: int | None = Non
     folder inside such a folder (``<out>/rank/runs/<key>/seed<s>``)."""
     path = Path(path)
     if (path / "report.json").exists() and (path / "train").is_dir():  # one ranking run
+        inputs = json.loads((path / "report.json").read_text(encoding="utf-8")).get("inputs")
+        if inputs:  # a run that names its inputs (a warm start: qarm.train.continual)
+            quantize, align = (None if inputs.get(k) is None else _optional(Path(inputs[k]))
+                               for k in ("quantize_dir", "align_dir"))
+            return RunFolders(path, Path(inputs["dataset_dir"]), quantize, align, None)
         out = path.parents[3] if len(path.parents) > 3 else path.parent
         return RunFolders(path, out / "data", _optional(out / "quantize"), _optional(out / "align"), None)
     ablation = path / "rank" / "ablation.json"
@@ -161,6 +168,9 @@ def export_bundle(run_dir: str | Path, models_dir: str | Path, *, row: str | Non
     dataset = load_dataset(folders.dataset_dir)
     source = ExampleSource(dataset, history_length=int(ranking["history_length"]))
     tables = ItemTables.build(source, quantize_dir=folders.quantize_dir, align_dir=folders.align_dir)
+    vocabulary = folders.run_dir / "train" / VOCABULARY_FILE
+    if vocabulary.exists():  # a warm-started run's grown ID vocabulary (qarm.train.continual)
+        tables = dataclasses.replace(tables, id_index=load_numpy_bytes(vocabulary.read_bytes())["id_index"])
     if tables.digest() != report["tables"]["digest"]:
         raise DataError(f"{folders.run_dir} was trained on other item tables (digest {report['tables']['digest']}) "
                         f"than {folders.quantize_dir} and {folders.align_dir} make now ({tables.digest()})")

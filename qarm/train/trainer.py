@@ -157,6 +157,8 @@ class TrainResult:
     history : TrainHistory
     examples_per_second : float, training examples per second of training time (validation excluded)
     out_dir : Path or None
+    optimizer_state : dict or None, Adam's ``state_dict()`` when training stopped (a warm start carries it
+        over: :mod:`qarm.train.continual`)
     """
 
     model: nn.Module
@@ -164,6 +166,7 @@ class TrainResult:
     history: TrainHistory
     examples_per_second: float
     out_dir: Path | None
+    optimizer_state: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"history": self.history.to_dict(), "examples_per_second": self.examples_per_second,
@@ -214,8 +217,12 @@ def validation_metrics(frame: pd.DataFrame, tasks: tuple[str, ...] | list[str]) 
 
 def train(model: nn.Module, source: ExampleSource, config: TrainConfig | None = None,
           out_dir: str | Path | None = None, *, resume: bool = True, progress: bool = True,
-          log: Log | None = None, on_step: OnStep | None = None) -> TrainResult:
+          log: Log | None = None, on_step: OnStep | None = None,
+          optimizer_state: dict[str, Any] | None = None) -> TrainResult:
     """Train ``model`` on ``source``'s training rows, validating on its valid split.
+
+    A source whose valid split is empty (a time window of continuous training: no future to validate on)
+    trains for its budget without validation, and the result is the last weights.
 
     Parameters
     ----------
@@ -233,6 +240,8 @@ def train(model: nn.Module, source: ExampleSource, config: TrainConfig | None = 
         Receives one line per validation.
     on_step : callable ``(step, loss)`` or None
         Called after every step (after its checkpoint, if any); tests raise from it to interrupt.
+    optimizer_state : dict or None
+        Adam's ``state_dict()`` to start from (a warm start), unless a checkpoint is resumed.
 
     Returns
     -------
@@ -242,12 +251,13 @@ def train(model: nn.Module, source: ExampleSource, config: TrainConfig | None = 
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
     with deterministic():  # repeatable on several threads, and faster here (qarm.determinism)
-        return _Trainer(model, source, config, out_dir, progress, log, on_step).run(resume)
+        return _Trainer(model, source, config, out_dir, progress, log, on_step, optimizer_state).run(resume)
 
 
 class _Trainer:
     def __init__(self, model: nn.Module, source: ExampleSource, config: TrainConfig, out_dir: str | Path | None,
-                 progress: bool, log: Log | None, on_step: OnStep | None) -> None:
+                 progress: bool, log: Log | None, on_step: OnStep | None,
+                 optimizer_state: dict[str, Any] | None = None) -> None:
         self.model, self.module, self.source, self.config = model, _unwrap(model), source, config
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.progress, self.log, self.on_step = progress, log or (lambda line: None), on_step
@@ -266,6 +276,8 @@ class _Trainer:
         # The fused kernel updates the embedding tables ~3x faster than the loop on CPU; same numbers.
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                           fused=True)
+        self.initial_optimizer_state = optimizer_state
+        self.validates = len(source.rows("valid")) > 0
         self.history = TrainHistory()
         self.step = 0
         self.bad_evals = 0
@@ -303,6 +315,8 @@ class _Trainer:
 
     def validate(self) -> bool:
         """Validate, keep the best weights; True when early stopping should end training."""
+        if not self.validates:  # no valid rows: the last weights are the result
+            return False
         start = time.perf_counter()
         frame = predict(self.module, self.source, "valid", batch_size=self.config.eval_batch_size)
         valid = validation_metrics(frame, self.tasks)
@@ -421,6 +435,10 @@ class _Trainer:
                     (self.out_dir / name).unlink(missing_ok=True)
         torch.manual_seed(self.config.seed)
         loaded = resume and self.load_checkpoint()
+        if not loaded and self.initial_optimizer_state is not None:
+            self.optimizer.load_state_dict(self.initial_optimizer_state)
+            for group in self.optimizer.param_groups:  # this run's settings, the carried moments
+                group["lr"], group["weight_decay"] = self.config.lr, self.config.weight_decay
         # A finished run stays finished unless a larger budget (epochs, max_steps, max_seconds) is given.
         stop = "early_stopping" if loaded and self.history.stopped == "early_stopping" else self._budget_spent()
         seconds_before, start = self.history.train_seconds, time.perf_counter()
@@ -452,13 +470,18 @@ class _Trainer:
                         **({f"val_{self.config.monitor}": best} if best is not None else {}))
                 if self.on_step is not None:
                     self.on_step(self.step, loss)
-        if self.best_state is None:  # nothing trained (budget spent before the first step): current weights
+        if self.best_state is None or not self.validates:  # nothing validated: the current weights
             self.best_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            if not self.validates and self.out_dir is not None and self.rank == 0:
+                atomic_write_bytes(self.out_dir / BEST_FILE, save_tensors(
+                    _contiguous(self.best_state), {"format": CHECKPOINT_FORMAT, "step": str(self.step),
+                                                   "monitor": "none (no valid rows: the last weights)"}))
         self.module.load_state_dict(self.best_state)
         seconds = self.history.train_seconds
         speed = self.history.examples / seconds if seconds > 0 else float("nan")
         return TrainResult(model=self.module, best_state=self.best_state, history=self.history,
-                           examples_per_second=speed, out_dir=self.out_dir)
+                           examples_per_second=speed, out_dir=self.out_dir,
+                           optimizer_state=self.optimizer.state_dict())
 
     def _budget_spent(self) -> str:
         if self.step >= self.total_steps:

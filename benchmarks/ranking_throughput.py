@@ -37,6 +37,7 @@ import torch
 
 from qarm.features.examples import ExampleSource
 from qarm.models import build_model
+from qarm.precision import PRECISIONS, autocast
 from qarm.train.ablation import TABLE1
 from qarm.train.stage import build_tables
 from qarm.train.trainer import TrainConfig, loss_fn, predict
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", nargs="*", default=[], help="rows whose training steps are profiled")
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=list(PRECISIONS),
+                        help="each row in each precision (qarm.precision; 'bf16': bfloat16 autocast)")
     parser.add_argument("--tag", default="", help="suffix of the results files (e.g. before / after)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -78,7 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         name, _, rest = spec.partition("=")
         model_name, _, config = rest.partition(":")
         variants[name] = (model_name, json.loads(config or "{}"))
-    args.rows = list(variants)
+    base_rows = list(variants)
+    precision_of: dict[str, str] = {}
+    for precision in args.precisions:
+        for name in base_rows:
+            key = name if precision == args.precisions[0] else f"{name} [{precision}]"
+            precision_of[key] = precision
+            variants[key] = variants[name]
+    args.rows = list(precision_of)
     source = ExampleSource.from_folder(args.data)
     tables = build_tables(source, args.data, "qarm", quantize_dir=args.codes, align_dir=args.vectors)
     train_rows = source.order("train", shuffle=True, seed=args.seed)
@@ -109,14 +119,16 @@ def main(argv: list[str] | None = None) -> int:
                 for i, batch in enumerate(batches):
                     if i == args.warmup:
                         start = time.perf_counter()
-                    loss = loss_fn(model(batch), batch.labels)
+                    with autocast(precision_of[name]):
+                        logits = model(batch)
+                    loss = loss_fn(logits, batch.labels)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                 train_s[name].append(time.perf_counter() - start)
                 start = time.perf_counter()
                 with torch.no_grad():
-                    predict(model, source, "valid", rows=valid)
+                    predict(model, source, "valid", rows=valid, precision=precision_of[name])
                 predict_s[name].append(time.perf_counter() - start)
             print(f"  threads {threads} round {round_ + 1}/{args.repeats} done (load {_load_average()})", flush=True)
         timed = args.steps * args.batch_size
@@ -127,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.rows}
         if threads == args.threads[0]:
             for name in args.profile:
-                profiles[name] = _profile(models[name], optimizers[name], batches[: args.warmup + 20])
+                profiles[name] = _profile(models[name], optimizers[name], batches[: args.warmup + 20],
+                                          precision_of[name])
 
-    reference = args.rows[0]
+    reference = args.rows[0]  # ID-only, or the first row; each precision against its own reference
     lines = [f"# Ranking throughput: {args.name or args.data.name}{' ' + args.tag if args.tag else ''}", "",
              f"Machine {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}; data `{args.data}` "
              f"({len(source.rows('train')):,} training rows); seed {args.seed}; batch {args.batch_size}; "
@@ -139,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
              "| row | threads | training examples/s | vs " + reference + " | prediction examples/s | vs "
              + reference + " |", "|---|---:|---:|---:|---:|---:|"]
     for threads, rows in results.items():
-        ref = rows[reference]
         for name, r in rows.items():
+            ref = rows[reference if precision_of[name] == args.precisions[0]
+                       else f"{reference} [{precision_of[name]}]"]
             lines.append(f"| {name} | {threads} | {r['train_examples_per_second']:,.0f} | "
                          f"{r['train_examples_per_second'] / ref['train_examples_per_second']:.0%} | "
                          f"{r['predict_examples_per_second']:,.0f} | "
@@ -157,19 +171,22 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{stem}.md").write_text(text, encoding="utf-8")
     payload = {"machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                "argv": sys.argv[1:], "seed": args.seed, "variants": {n: list(v) for n, v in variants.items()},
+               "precisions": precision_of,
                "results": results, "profiles": profiles}
     (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
-def _profile(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list, top: int = 15
-             ) -> list[dict[str, float | str]]:
+def _profile(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list, precision: str = "fp32",
+             top: int = 15) -> list[dict[str, float | str]]:
     from torch.profiler import ProfilerActivity, profile
 
     model.train()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for batch in batches:
-            loss = loss_fn(model(batch), batch.labels)
+            with autocast(precision):
+                logits = model(batch)
+            loss = loss_fn(logits, batch.labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from qarm.data.prepare import prepare_dataset
 from qarm.data.synthetic import SyntheticConfig, generate
 from qarm.errors import ConfigError
 from qarm.features import OOV, ExampleSource, ItemTables
+from qarm.features.batch import RankingBatch
 from qarm.models import MODELS, QARMConfig, build_model, describe_model, model_config
 from qarm.models.layers import (
     MLP,
@@ -27,6 +29,8 @@ from qarm.models.layers import (
     pack,
 )
 from qarm.quantize.api import QuantizeConfig, RQConfig, VQConfig, quantize_items
+
+BATCH_FIELDS = [f.name for f in fields(RankingBatch)]
 
 pytestmark = pytest.mark.filterwarnings("ignore:k-means of")  # tiny catalogues: few points per centroid
 
@@ -98,6 +102,42 @@ def test_target_attention_pools_only_the_rows_slots():
                             + att.key.bias)
         weight = att.score(hidden)
         torch.testing.assert_close(out[r], (weight * h).sum(0))
+
+
+def test_target_attention_key_part_once_per_distinct_item_equals_per_slot():
+    torch.manual_seed(0)
+    att = TargetAttention(4, (6, 3))
+    distinct = torch.randn(3, 4, requires_grad=True)  # 3 distinct items ...
+    at = torch.tensor([0, 1, 2, 0, 1, 2, 2, 0])  # ... in 8 slots (U < P: the gathered key path)
+    row = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    query = torch.randn(3, 4)
+    per_slot = att(query, distinct[at], row)
+    per_item = att(query, distinct[at], row, (distinct, at))
+    torch.testing.assert_close(per_item, per_slot, rtol=1e-6, atol=1e-6)
+    grads = [torch.autograd.grad(out.square().sum(), [distinct, att.key.weight]) for out in (per_slot, per_item)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # more distinct items than slots: the per-slot path, the same numbers
+    many = torch.randn(20, 4)
+    torch.testing.assert_close(att(query, many[at], row, (many, at)), att(query, many[at], row))
+
+
+def test_qarm_scores_a_shared_history_as_separate_requests_do(source, tables):
+    """A ranking request (many candidates, one history: the distinct-item key path) scores each candidate
+    as a batch of one does (the per-slot path)."""
+    model = build_model("qarm", source.spec, tables, None).eval()
+    test_rows = source.order("test")
+    filled = source.batch(test_rows).history_mask.sum(1)
+    row = test_rows[int(filled.argmax())]  # the longest history: U = 64 + n < P = 64 n
+    assert filled.max() >= 5
+    batch = source.batch(np.repeat([row], 64))
+    candidates = torch.arange(64) % source.spec.n_items
+    batch = replace(batch, item=candidates)
+    with torch.no_grad():
+        together = model(batch)
+        alone = torch.cat([model(replace(batch, **{f: getattr(batch, f)[i:i + 1] if getattr(batch, f) is not None
+                                                   else None for f in BATCH_FIELDS})) for i in range(64)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
 
 
 def test_pack_layout():

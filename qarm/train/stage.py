@@ -145,7 +145,8 @@ def train_ranking(dataset_dir: str | Path | None, out_dir: str | Path, config: R
     seconds["train"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    frame = predict(result.model, source, config.eval_split, batch_size=config.train.eval_batch_size)
+    frame = predict(result.model, source, config.eval_split, batch_size=config.train.eval_batch_size,
+                    precision=config.train.precision)
     groups = (source.meta.prepared.get("split") or {}).get("longtail_groups") or []
     metrics = evaluate_predictions(frame, list(source.tasks),
                                    n_longtail_groups=len(groups) or int(source.item_longtail.max(initial=0)))

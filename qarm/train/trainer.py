@@ -59,6 +59,7 @@ from qarm.features.batch import RankingBatch
 from qarm.features.examples import ExampleSource
 from qarm.models import describe_model
 from qarm.models.layers import required
+from qarm.precision import PRECISIONS, Precision, autocast
 from qarm.quantize._common import check_float, check_int, check_option
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -92,6 +93,7 @@ class TrainConfig:
     max_steps: int | None = None  # an upper bound on optimiser steps (smoke tests, quick runs)
     max_seconds: float | None = None  # a training-time budget across resumptions; validation not counted
     threads: int | None = None  # torch intra-op threads during training; None: leave torch's setting
+    precision: Precision = "fp32"  # "bf16": matrix products in bfloat16 autocast (qarm.precision), weights fp32
 
     def __post_init__(self) -> None:
         name = "TrainConfig"
@@ -112,6 +114,7 @@ class TrainConfig:
                                       or not value > 0 or not math.isfinite(value)):
                 raise ConfigError(f"The '{param}' parameter of {name} must be > 0 or None. Got {value!r} instead.")
         check_option(name, "monitor", self.monitor, MONITORS)
+        check_option(name, "precision", self.precision, PRECISIONS)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> TrainConfig:
@@ -175,13 +178,14 @@ class TrainResult:
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum over tasks of the mean BCE-with-logits: ``logits``, ``labels`` ``(B, T)`` -> scalar."""
-    return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=0).sum()
+    return F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none").mean(dim=0).sum()
 
 
 @torch.no_grad()
 def predict(model: nn.Module, source: ExampleSource, split: str, *, batch_size: int = 8192,
-            rows: np.ndarray | None = None) -> pd.DataFrame:
+            rows: np.ndarray | None = None, precision: Precision = "fp32") -> pd.DataFrame:
     """Scores of every example of a split (or of ``rows``), for :func:`qarm.evaluate.metrics.evaluate_predictions`.
+    ``precision="bf16"`` runs the matrix products in bfloat16 autocast (:mod:`qarm.precision`).
 
     Returns
     -------
@@ -193,7 +197,9 @@ def predict(model: nn.Module, source: ExampleSource, split: str, *, batch_size: 
     was_training = model.training
     model.eval()
     try:
-        chunks = [torch.sigmoid(model(source.batch(rows[s:s + batch_size]))) for s in range(0, len(rows), batch_size)]
+        with autocast(precision):
+            chunks = [torch.sigmoid(model(source.batch(rows[s:s + batch_size])).float())
+                      for s in range(0, len(rows), batch_size)]
     finally:
         model.train(was_training)
     scores = torch.cat(chunks).double().numpy() if chunks else np.zeros((0, len(source.tasks)))
@@ -301,7 +307,9 @@ class _Trainer:
 
     def train_step(self, batch: RankingBatch) -> float:
         self.model.train()
-        loss = loss_fn(self.model(batch), required(batch.labels, "labels"))
+        with autocast(self.config.precision):
+            logits = self.model(batch)
+        loss = loss_fn(logits, required(batch.labels, "labels"))
         auxiliary = getattr(self.module, "auxiliary_loss", None)
         extra = auxiliary() if callable(auxiliary) else None
         if extra is not None:
@@ -318,7 +326,8 @@ class _Trainer:
         if not self.validates:  # no valid rows: the last weights are the result
             return False
         start = time.perf_counter()
-        frame = predict(self.module, self.source, "valid", batch_size=self.config.eval_batch_size)
+        frame = predict(self.module, self.source, "valid", batch_size=self.config.eval_batch_size,
+                        precision=self.config.precision)
         valid = validation_metrics(frame, self.tasks)
         values = [v[self.config.monitor] for v in valid.values() if not math.isnan(v[self.config.monitor])]
         if not values:

@@ -527,6 +527,7 @@ def part_reload(args: argparse.Namespace) -> None:
         bodies = rank_bodies(users, items, args.candidates, 500, args.seed)
         timeline: list[tuple[float, str]] = []
         with service(models_dir, str(Path(tmp) / "live.sqlite"), reload_interval=args.reload_interval,
+                     threads=args.threads,
                      log_file=Path(tmp) / "serve.log") as (url, proc):
             for b in bodies[:60]:
                 httpx.post(url + "/v1/rank", content=b, headers={"content-type": "application/json"}, timeout=30)
@@ -598,7 +599,8 @@ def part_reload(args: argparse.Namespace) -> None:
     markdown = (f"# `qarm serve` hot reload under load: {args.name}\n\n" + header(args, result)
                 + f"{len(schedule)} pointer moves ({args.swaps} good versions and one with 64 flipped bytes in its "
                   f"weights) during {summary['requests']} requests at {args.rate:.0f}/s ({args.candidates} "
-                  f"candidates), SQLite store, one worker, reload poll every {args.reload_interval} s.\n\n"
+                  f"candidates), SQLite store, one worker with {args.threads} torch thread(s), reload poll every "
+                  f"{args.reload_interval} s.\n\n"
                   f"- requests: {summary['requests']}, failed: **{summary['errors']}** ({summary['statuses']})\n"
                   f"- latency (open loop): p50 {lo.get('p50_ms', float('nan')):.1f} ms, p99 "
                   f"{lo.get('p99_ms', float('nan')):.1f} ms, max {lo.get('max_ms', float('nan')):.1f} ms\n"
@@ -632,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--swaps", type=int, default=10)
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--reload-interval", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="reload: torch threads of the server (the load part's best setting on 2 cores: 1)")
     args = parser.parse_args(argv)
     {"load": part_load, "uploads": part_uploads, "reload": part_reload}[args.part](args)
     return 0

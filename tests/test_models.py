@@ -104,31 +104,13 @@ def test_target_attention_pools_only_the_rows_slots():
         torch.testing.assert_close(out[r], (weight * h).sum(0))
 
 
-def test_target_attention_key_part_once_per_distinct_item_equals_per_slot():
-    torch.manual_seed(0)
-    att = TargetAttention(4, (6, 3))
-    distinct = torch.randn(3, 4, requires_grad=True)  # 3 distinct items ...
-    at = torch.tensor([0, 1, 2, 0, 1, 2, 2, 0])  # ... in 8 slots (U < P: the gathered key path)
-    row = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
-    query = torch.randn(3, 4)
-    per_slot = att(query, distinct[at], row)
-    per_item = att(query, distinct[at], row, (distinct, at))
-    torch.testing.assert_close(per_item, per_slot, rtol=1e-6, atol=1e-6)
-    grads = [torch.autograd.grad(out.square().sum(), [distinct, att.key.weight]) for out in (per_slot, per_item)]
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    # more distinct items than slots: the per-slot path, the same numbers
-    many = torch.randn(20, 4)
-    torch.testing.assert_close(att(query, many[at], row, (many, at)), att(query, many[at], row))
-
-
 def test_qarm_scores_a_shared_history_as_separate_requests_do(source, tables):
-    """A ranking request (many candidates, one history: the distinct-item key path) scores each candidate
-    as a batch of one does (the per-slot path)."""
+    """A ranking request (many candidates, one history) scores each candidate as a batch of one does: the
+    batch's composition (distinct items, packing) never changes a score."""
     model = build_model("qarm", source.spec, tables, None).eval()
     test_rows = source.order("test")
     filled = source.batch(test_rows).history_mask.sum(1)
-    row = test_rows[int(filled.argmax())]  # the longest history: U = 64 + n < P = 64 n
+    row = test_rows[int(filled.argmax())]  # the longest history
     assert filled.max() >= 5
     batch = source.batch(np.repeat([row], 64))
     candidates = torch.arange(64) % source.spec.n_items

@@ -105,8 +105,7 @@ class TargetAttention(nn.Module):
         self.product = nn.Linear(dim, hidden[0], bias=False)
         self.score = MLP(hidden[0], hidden[1:], out_dim=1)
 
-    def weights(self, query: torch.Tensor, keys: torch.Tensor, row: torch.Tensor,
-                distinct: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def weights(self, query: torch.Tensor, keys: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         """Each slot's attention weight against its row's query.
 
         Parameters
@@ -114,29 +113,19 @@ class TargetAttention(nn.Module):
         query : float (R, D), one per row
         keys : float (P, D), the filled slots of all rows
         row : int64 (P,), each slot's row in ``0..R-1``
-        distinct : (float (U, D), int64 (P,)) or None
-            ``(vectors, at)`` with ``keys == vectors[at]``: the slots' items as rows of a table of distinct
-            items. The first layer's key part depends on the item alone, so when ``U < P`` it is computed
-            once per distinct item and gathered: a ranking request's 200 candidates share one history of
-            ``n`` items (``P = 200 n``, ``U <= 200 + n``). Equal up to float rounding.
 
         Returns
         -------
         float (P, 1), unnormalised.
         """
         q = query[row]  # (P, D)
-        if distinct is not None and len(distinct[0]) < len(keys):
-            key_hidden = self.key(distinct[0])[distinct[1]]
-        else:
-            key_hidden = self.key(keys)
-        hidden = torch.relu(key_hidden + self.query(query)[row] + self.product(keys * q))  # (P, H)
+        hidden = torch.relu(self.key(keys) + self.query(query)[row] + self.product(keys * q))  # (P, H)
         return self.score(hidden)
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor, row: torch.Tensor,
-                distinct: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         """Pool each row's keys by their relevance to the row's query: ``(R, D)``, zeros for rows
         without slots (arguments as in :meth:`weights`)."""
-        return torch.zeros_like(query).index_add(0, row, self.weights(query, keys, row, distinct) * keys)
+        return torch.zeros_like(query).index_add(0, row, self.weights(query, keys, row) * keys)
 
 
 def pack(mask: torch.Tensor) -> torch.Tensor:
@@ -483,8 +472,7 @@ class CodeMatchingSequences(nn.Module):
         return slot, level
 
     def forward(self, target: torch.Tensor, history: torch.Tensor, row: torch.Tensor,
-                target_codes: torch.Tensor, history_codes: torch.Tensor,
-                distinct: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                target_codes: torch.Tensor, history_codes: torch.Tensor) -> torch.Tensor:
         """Pooled sequences.
 
         Parameters
@@ -494,8 +482,6 @@ class CodeMatchingSequences(nn.Module):
         row : int64 (P,), each slot's row
         target_codes : int (B, L)
         history_codes : int (P, L), the packed slots' RQ codes
-        distinct : ``(vectors (U, D), at (P,))`` with ``history == vectors[at]``, or None (see
-            :meth:`TargetAttention.weights`)
 
         Returns
         -------
@@ -507,8 +493,7 @@ class CodeMatchingSequences(nn.Module):
         # many levels it enters (``slot`` is sorted, so its repeats are consecutive).
         unique, inverse = torch.unique_consecutive(slot, return_inverse=True)  # (U,), (Q,)
         keys, example = history[unique], row[unique]  # (U, D), (U,)
-        weighted = self.attention.weights(target, keys, example, None if distinct is None else
-                                          (distinct[0], distinct[1][unique])) * keys  # (U, D): queries once per row
+        weighted = self.attention.weights(target, keys, example) * keys  # (U, D): queries once per row
         pooled = target.new_zeros(b * levels, target.shape[1]).index_add(
             0, row[slot] * levels + level, weighted[inverse])
         return pooled.view(b, levels, -1)
@@ -538,19 +523,6 @@ def embed_unique(embed: Callable[[torch.Tensor], torch.Tensor], *ids: torch.Tens
         out.append(vectors[begin:begin + t.numel()].view(*t.shape, vectors.shape[-1]))
         begin += t.numel()
     return out
-
-
-def embed_distinct(embed: Callable[[torch.Tensor], torch.Tensor], *ids: torch.Tensor
-                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Like :func:`embed_unique`, without the gather: the distinct ids' vectors ``(U, D)`` and, per input,
-    each id's row among them (int64, the input's shape), for layers that work per distinct item."""
-    flat = torch.cat([t.reshape(-1) for t in ids]).clamp(min=0)
-    unique, inverse = torch.unique(flat, return_inverse=True)
-    out, begin = [], 0
-    for t in ids:
-        out.append(inverse[begin:begin + t.numel()].view(t.shape))
-        begin += t.numel()
-    return embed(unique), out
 
 
 def required(value: torch.Tensor | None, name: str) -> torch.Tensor:

@@ -48,7 +48,7 @@ from qarm.models.layers import (
     RQEmbedding,
     TargetAttention,
     VQEmbedding,
-    embed_distinct,
+    embed_unique,
     embedding_table,
     pack,
     required,
@@ -156,23 +156,16 @@ class QARMRanker(nn.Module):
         row = pack(mask)  # only filled history slots are computed: (P,) rows
         items = batch.history[mask]  # (P,) packed history items, row by row, most recent first
         if self.sequence_project is None:
-            distinct, (target_at, history_at) = embed_distinct(self.embed_items, batch.item, items)  # (U, D)
-            target = distinct[target_at]  # (B, D)
-            sequence = distinct
+            target, history = embed_unique(self.embed_items, batch.item, items)  # (B, D), (P, D)
             query = target
         else:  # the projection runs once per distinct item, like the rest of the representation
-            both, (target_at, history_at) = embed_distinct(self.embed_for_sequences, batch.item, items)
+            both, history_both = embed_unique(self.embed_for_sequences, batch.item, items)
             width = both.shape[1] - self.sequence_project.out_features
-            target, sequence = both[target_at, :width], both[:, width:]  # (B, D), (U, d)
-            query = sequence[target_at]  # (B, d)
-        history = sequence[history_at]  # (P, d): the packed history
-        # Each attention's key part once per distinct item where they are fewer than the slots (a ranking
-        # request's candidates share one history).
-        parts = [target, self.interest(query, history, row, (sequence, history_at))]
+            target, query, history = both[:, :width], both[:, width:], history_both[:, width:]  # (B, D), (B, d), (P, d)
+        parts = [target, self.interest(query, history, row)]
         if self.code_matching is not None:
             codes = self.rq_codes  # (n_items, L)
-            matched = self.code_matching(query, history, row, codes[batch.item], codes[items],
-                                         (sequence, history_at))  # (B, L, d)
+            matched = self.code_matching(query, history, row, codes[batch.item], codes[items])  # (B, L, d)
             parts.append(matched.flatten(1))
         parts.append(self.user_id(batch.user))
         if self.user_side is not None:

@@ -24,6 +24,9 @@ runs in this process on the same 2 cores as the server, so its CPU is reported b
   top interest is the item's business group, against a random catalogue item; the rate at which the
   new item scores higher, beside the same items uploaded with an empty text (the same model knowing
   nothing of the item: out-of-vocabulary id, the codes of no content).
+* ``consistency``: from a ``qarm run`` folder whose ``models/`` serves its QARM run: ``--rows`` (1,000) test
+  rows of the run's offline ``predictions.parquet``, each one ``/v1/rank`` request for the row's user and
+  item as of the row's time, over HTTP to the real service; the largest difference of any task's score.
 * ``reload``: from a ``qarm run`` folder, exports ``--swaps`` + 1 bundle versions and one corrupt copy
   into a temporary models folder, serves it at ``--rate`` and moves the current pointer every
   ``duration / (swaps + 2)`` seconds (the corrupt one among them); checks every response.
@@ -615,10 +618,51 @@ def part_reload(args: argparse.Namespace) -> None:
     write("reload", args.name, result, markdown)
 
 
+def part_consistency(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from qarm.data.io import load_dataset
+    from qarm.serve.bundle import find_run
+
+    run_dir = args.target
+    run = find_run(run_dir)
+    offline = pd.read_parquet(run.run_dir / "predictions.parquet")
+    dataset = load_dataset(run.dataset_dir)
+    rows = offline.sample(n=min(args.rows, len(offline)), random_state=args.seed)
+    times = dataset.interactions["time"].to_numpy()
+    users = dataset.users.set_index("user_id")["source_id"].astype(str)
+    items = dataset.items.set_index("item_id")["source_id"].astype(str)
+    tasks = [c.removeprefix("score_") for c in offline.columns if c.startswith("score_")]
+    worst, per_task = 0.0, {t: 0.0 for t in tasks}
+    with tempfile.TemporaryDirectory(prefix="qarm-bench-consistency-") as tmp, \
+            service(run_dir / "models", str(Path(tmp) / "live.sqlite"), threads=args.threads) as (url, _):
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for r in rows.itertuples():
+                body = {"user_id": users[r.user_id], "candidates": [items[r.item_id]],
+                        "context": {"time": int(times[int(r.row)])}}
+                response = client.post("/v1/rank", json=body)
+                response.raise_for_status()
+                got = response.json()["scores"][0]
+                for t in tasks:
+                    diff = abs(got[t] - getattr(r, f"score_{t}"))
+                    per_task[t] = max(per_task[t], diff)
+                    worst = max(worst, diff)
+    result = {"machine": machine(), "command": " ".join(sys.argv), "run_dir": str(run.run_dir), "rows": len(rows),
+              "seed": args.seed, "max_abs_difference": worst, "per_task": per_task}
+    markdown = (f"# `qarm serve` against offline predict: {args.name}\n\n{header(args, result)}\n\n"
+                f"{len(rows):,} test rows of `{run.run_dir}` (sampled with seed {args.seed}), each one `/v1/rank` "
+                f"request over HTTP as of the row's time, against the run's `predictions.parquet`.\n\n"
+                f"- largest |served - offline| over every task: **{worst:.2e}** (goal <= 1e-5: "
+                f"{'met' if worst <= 1e-5 else 'NOT met'}); per task "
+                + ", ".join(f"{t} {v:.2e}" for t, v in per_task.items()) + "\n")
+    write("consistency", args.name, result, markdown)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("load", "uploads", "reload"))
-    parser.add_argument("target", type=Path, help="models folder (load, uploads) or a `qarm run` folder (reload)")
+    parser.add_argument("part", choices=("load", "uploads", "reload", "consistency"))
+    parser.add_argument("target", type=Path, help="models folder (load, uploads) or a `qarm run` folder "
+                        "(reload, consistency)")
     parser.add_argument("--name", required=True, help="results file name suffix")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--candidates", type=int, default=200)
@@ -635,9 +679,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--reload-interval", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1,
-                        help="reload: torch threads of the server (the load part's best setting on 2 cores: 1)")
+                        help="reload, consistency: torch threads of the server (the load part's best on 2 cores: 1)")
+    parser.add_argument("--rows", type=int, default=1000, help="consistency: test rows scored")
     args = parser.parse_args(argv)
-    {"load": part_load, "uploads": part_uploads, "reload": part_reload}[args.part](args)
+    {"load": part_load, "uploads": part_uploads, "reload": part_reload,
+     "consistency": part_consistency}[args.part](args)
     return 0
 
 

@@ -11,6 +11,7 @@ import typer
 import yaml
 from rich.console import Console
 from rich.markdown import Markdown
+from rich.markup import escape
 
 from qarm.config import from_dict, load_yaml
 from qarm.errors import ConfigError, QarmError
@@ -38,7 +39,7 @@ ConfigOption = Annotated[
 
 
 def _fail(exc: Exception) -> NoReturn:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -404,10 +405,6 @@ def leaderboard(
     Console().print(Markdown((out / "leaderboard.md").read_text()))
 
 
-if __name__ == "__main__":  # pragma: no cover
-    app()
-
-
 @app.command()
 def replay(
     data: Annotated[Path, typer.Argument(help="A prepared, time-split dataset folder (`qarm data prepare`).")],
@@ -505,3 +502,48 @@ def serve(
                   f"with {workers} worker(s), store {target}", highlight=False, markup=False)
     uvicorn.run("qarm.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level, access_log=False)
+
+
+# ------------------------------------------------------------------------------------ error boundary
+
+def _known_failure(exc: BaseException) -> str | None:
+    """One line for a failure of the machine, a file or a service (not a bug of qarm), else None."""
+    if isinstance(exc, QarmError):
+        return str(exc)
+    if isinstance(exc, OSError):  # files, disks, permissions, sockets: name the path when there is one
+        where = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p)
+        reason = exc.strerror or str(exc)
+        return f"{where}: {reason}" if where else reason
+    if isinstance(exc, yaml.YAMLError):
+        return f"not valid YAML: {' '.join(str(exc).split())}"
+    if isinstance(exc, UnicodeError):
+        return f"text that is not valid UTF-8: {exc}"
+    module = type(exc).__module__ or ""
+    if module.startswith("redis"):
+        return f"Redis: {exc} (check the --store URL and that the server answers)"
+    if module.startswith("safetensors") or type(exc).__name__ == "SafetensorError":
+        return f"not a readable safetensors file: {exc}"
+    if isinstance(exc, RuntimeError) and "faiss" in str(exc).lower():
+        return f"faiss: {' '.join(str(exc).split())}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``qarm`` command: the Typer app behind one error boundary. A failure of a file, the disk, a
+    config, Redis, faiss or safetensors is one ``error:`` line and exit code 2, never a traceback; an
+    interrupt exits 130. Anything else is a bug of qarm and keeps its traceback."""
+    try:
+        app(args=argv, prog_name="qarm")
+    except KeyboardInterrupt:
+        console.print("[bold red]error:[/] interrupted", highlight=False, markup=True)
+        sys.exit(130)
+    except Exception as exc:
+        message = _known_failure(exc)
+        if message is None:
+            raise
+        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -40,6 +40,7 @@ import numpy as np
 from qarm.errors import ConfigError, DataError, QarmError
 
 STORE_FORMAT = "qarm.codes/1"
+REDIS_TIMEOUT_S = 10.0  # connect and per-command socket timeout of the Redis stores
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
 INT32 = np.iinfo(np.int32)
@@ -411,6 +412,9 @@ class RedisCodeStore(CodeStore):
         """Connect with ``redis.Redis.from_url(url)`` (e.g. ``redis://127.0.0.1:6379/0``)."""
         import redis
 
+        # A server that accepts the connection and never answers must fail, not hang the caller forever.
+        kwargs.setdefault("socket_connect_timeout", REDIS_TIMEOUT_S)
+        kwargs.setdefault("socket_timeout", REDIS_TIMEOUT_S)
         return cls(redis.Redis.from_url(url, **kwargs), prefix=prefix)
 
     def describe(self) -> str:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from qarm.errors import ConfigError, DataError
-from qarm.quantize.store import CodeVersionError
+from qarm.quantize.store import REDIS_TIMEOUT_S, CodeVersionError
 from qarm.serve.scorer import NewItem
 
 STORE_FORMAT = "qarm.live/1"
@@ -334,6 +334,9 @@ class RedisLiveStore(LiveStore):
     def from_url(cls, url: str, *, prefix: str = "qarm:live", **kwargs: Any) -> RedisLiveStore:
         import redis
 
+        # A server that accepts the connection and never answers must fail, not hang the caller forever.
+        kwargs.setdefault("socket_connect_timeout", REDIS_TIMEOUT_S)
+        kwargs.setdefault("socket_timeout", REDIS_TIMEOUT_S)
         return cls(redis.Redis.from_url(url, **kwargs), prefix=prefix)
 
     def describe(self) -> str:

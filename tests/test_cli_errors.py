@@ -1,0 +1,130 @@
+"""The CLI's error boundary (``qarm.cli.main``): a failure of a file, a config, the disk or a service is one
+``error:`` line and exit code 2, never a traceback, and nothing is written; a bug keeps its traceback."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import qarm.quantize.store
+import qarm.serve.store
+from qarm import cli
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(list(args))
+    captured = capsys.readouterr()
+    return int(exit_info.value.code or 0), captured.err + captured.out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def silent_redis(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A server on 127.0.0.1 that accepts connections and never answers (bounded: 20 s at most)."""
+    monkeypatch.setattr(qarm.quantize.store, "REDIS_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(qarm.serve.store, "REDIS_TIMEOUT_S", 0.5)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.2)
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        deadline = time.monotonic() + 20
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+    stop.set()
+    thread.join(5)
+    for c in held:
+        c.close()
+    server.close()
+
+
+YAML_CASES = {
+    "python tag": (b'prepare: !!python/object/apply:os.system ["echo owned"]\n', "not valid YAML"),
+    "unclosed list": (b"prepare: [1, 2\n", "not valid YAML"),
+    "not UTF-8": (b"\xff\xfeprepare: 1\n", "not UTF-8"),
+    "not a mapping": (b"- 1\n- 2\n", "expected a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", list(YAML_CASES))
+@pytest.mark.parametrize("command", ["run", "prepare", "quantize", "train"])
+def test_a_bad_config_file_is_one_error_line_naming_it(tmp_path: Path, capsys, case: str, command: str):
+    text, expected = YAML_CASES[case]
+    config = tmp_path / "bad.yaml"
+    config.write_bytes(text)
+    out = tmp_path / "out"
+    args = {"run": ["run", "--out", str(out)],
+            "prepare": ["data", "prepare", "--dataset", "synthetic", "--out", str(out)],
+            "quantize": ["quantize", str(tmp_path), "--out", str(out)],
+            "train": ["train", str(tmp_path), "--out", str(out)]}[command]
+    code, output = run_main(capsys, *args, "--config", str(config))
+    assert code == 2, output
+    assert "Traceback" not in output and output.count("error:") == 1, output
+    assert expected in output and "bad.yaml" in output, output
+    assert not out.exists(), "a refused command wrote its output folder"
+    assert "owned" not in output
+
+
+def test_a_redis_that_refuses_is_one_error_line(tmp_path: Path, capsys):
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    code, output = run_main(capsys, "serve", str(tmp_path), "--store", url)
+    assert code == 2 and "Traceback" not in output and "error:" in output, output
+    code, output = run_main(capsys, "codes", "publish", str(tmp_path), "--to", url)
+    assert code == 2 and "Traceback" not in output and "error:" in output, output
+
+
+def test_a_redis_that_never_answers_times_out_with_one_error_line(tmp_path: Path, capsys, silent_redis: str):
+    from qarm.serve.store import open_live_store
+
+    start = time.monotonic()
+    with pytest.raises(Exception) as info:
+        open_live_store(silent_redis)
+    assert time.monotonic() - start < 10
+    assert cli._known_failure(info.value) is not None and "Redis" in str(cli._known_failure(info.value))
+
+
+def test_an_out_folder_under_a_file_is_one_error_line(tmp_path: Path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, output = run_main(capsys, "data", "prepare", "--dataset", "synthetic", "--out", str(blocker / "sub"),
+                            "--set", "n_items=200", "--set", "n_users=50", "--set", "n_interactions=2000")
+    assert code == 2 and "Traceback" not in output and output.count("error:") == 1, output
+    assert "a-file" in output
+    assert blocker.read_text() == "not a folder"
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch):
+    def broken(*args: object, **kwargs: object) -> None:
+        raise TypeError("a bug in qarm")
+
+    monkeypatch.setattr(cli, "app", broken)
+    with pytest.raises(TypeError, match="a bug in qarm"):
+        cli.main(["data", "list"])
+
+
+def test_known_failures_name_the_path():
+    error = FileNotFoundError(2, "No such file or directory", "/data/items.parquet")
+    assert cli._known_failure(error) == "/data/items.parquet: No such file or directory"
+    assert cli._known_failure(RuntimeError("Error in faiss::read_index at index_read.cpp")).startswith("faiss:")
+    assert cli._known_failure(RuntimeError("CUDA out of memory")) is None

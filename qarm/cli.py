@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from qarm.config import from_dict, load_yaml
 from qarm.errors import ConfigError, QarmError
+from qarm.paths import check_output_folder
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,6 +42,16 @@ ConfigOption = Annotated[
 def _fail(exc: Exception) -> NoReturn:
     console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+def _source_of(dataset: str, source: Path | None) -> Path | None:
+    """The original files a loader will read (the explicit --source, else its shared folder, if any)."""
+    from qarm.data.loaders.registry import get_loader, resolve_source
+
+    try:
+        return resolve_source(get_loader(dataset), source)
+    except QarmError:
+        return source  # the loader itself will say what is missing
 
 
 def _show(data: dict[str, Any], as_json: bool, markdown: Any) -> None:
@@ -125,6 +136,7 @@ def run(
         options.update(dataset=dataset, source=str(source) if source else None)
         run_config = run_config_from_dict(options)
         out = out or Path("runs") / dataset
+        check_output_folder(out, {"source folder": _source_of(dataset, source)})
         run_pipeline(run_config, out, fresh=fresh, log=lambda msg: console.print(msg, highlight=False, markup=False))
     except QarmError as exc:
         _fail(exc)
@@ -158,6 +170,7 @@ def data_prepare(
     try:
         loader, prepare_dict = parse_overrides(config, set_)
         prepare_config = from_dict(PrepareConfig, prepare_dict, where="prepare config")
+        check_output_folder(out, {"source folder": _source_of(dataset, source)})
         with console.status(f"preparing {dataset} ..."):
             path, ds, timings = prepare(dataset, out, source=source, loader_options=loader,
                                         config=prepare_config, overwrite=overwrite)
@@ -198,6 +211,7 @@ def align(
     try:
         data_cfg = load_yaml(config) if config else {}
         stage_config = from_dict(AlignStageConfig, merge(data_cfg, parse_sets(set_)), where="align config")
+        check_output_folder(out, {"dataset folder": data})
         align_dataset(data, out, stage_config, resume=not fresh,
                       log=lambda msg: console.print(msg, highlight=False, markup=False))
     except QarmError as exc:
@@ -234,6 +248,7 @@ def quantize(
     log = lambda msg: console.print(msg, highlight=False, markup=False)  # noqa: E731
     try:
         quantize_config = _quantize_config(config, set_)
+        check_output_folder(out, {"input folder": data})
         if (data / "align_report.json").exists():
             item_vectors, item_ids, categories = _align_folder_vectors(data, vectors or "aligned")
             summary = quantize_items(item_vectors, item_ids, out, quantize_config, categories=categories,
@@ -333,6 +348,8 @@ def train(
                 raise ConfigError(f"with --warm-start the model and its config are the last model's; only train.* "
                                   f"settings apply (got {unknown})")
             train_config = TrainConfig.from_dict({"epochs": 1, **(sets.get("train") or {})})
+            check_output_folder(out, {"dataset folder": data, "--codes folder": codes, "--vectors folder": vectors,
+                                      "--warm-start model": warm_start})
             train_warm_start(data, out, warm_start, parse_window(window), quantize_dir=codes, align_dir=vectors,
                              train_config=train_config, replay_fraction=replay_fraction, resume=not fresh,
                              progress=True, log=lambda msg: console.print(msg, highlight=False, markup=False))
@@ -344,6 +361,7 @@ def train(
         options = merge(load_yaml(config) if config else {}, parse_sets(set_))
         options.setdefault("model", model)
         ranking = RankingConfig.from_dict(options)
+        check_output_folder(out, {"dataset folder": data, "--codes folder": codes, "--vectors folder": vectors})
         report = train_ranking(data, out, ranking, quantize_dir=codes, align_dir=vectors, resume=not fresh,
                                progress=True, log=lambda msg: console.print(msg, highlight=False, markup=False))
         _, md = write_report(out / "metrics", {ranking.model: report["metrics"]}, metrics=("gauc", "auc", "logloss"))
@@ -369,6 +387,7 @@ def ablate(
 
     try:
         ablation = AblationConfig.from_dict(merge(load_yaml(config) if config else {}, parse_sets(set_)))
+        check_output_folder(out, {"dataset folder": data, "--codes folder": codes, "--vectors folder": vectors})
         run_ablation(data, out, ablation, quantize_dir=codes, align_dir=vectors, progress=ablation.workers == 1,
                      log=lambda msg: console.print(msg, highlight=False, markup=False), fresh=fresh)
     except QarmError as exc:
@@ -396,6 +415,7 @@ def leaderboard(
     try:
         options = merge({"studies": ["leaderboard"]}, merge(load_yaml(config) if config else {}, parse_sets(set_)))
         board = AblationConfig.from_dict(options)
+        check_output_folder(out, {"dataset folder": data, "--codes folder": codes, "--vectors folder": vectors})
         run_ablation(data, out, board, quantize_dir=codes, align_dir=vectors, progress=board.workers == 1,
                      log=lambda msg: console.print(msg, highlight=False, markup=False), report_name="leaderboard",
                      fresh=fresh)
@@ -426,6 +446,7 @@ def replay(
     from qarm.train.continual import replay as run_replay
 
     try:
+        check_output_folder(out, {"dataset folder": data, "--codes folder": codes, "--vectors folder": vectors})
         options = merge(load_yaml(config) if config else {}, parse_sets(set_))
         options.setdefault("days", days)
         options.setdefault("day_seconds", day_seconds)
@@ -455,7 +476,8 @@ def export(
     """Export a trained ranking run as a versioned, hash-checked serving bundle."""
     from qarm.serve.bundle import export_bundle
 
-    try:
+    try:  # MODELS_DIR may lie inside the run folder (`qarm run` keeps it in <out>/models), never contain it
+        check_output_folder(to, {"run folder": run_dir}, flag="--to", allow_inside=True)
         manifest = export_bundle(run_dir, to, row=row, seed=seed, keep=keep, version=version, make_current=current,
                                  log=lambda msg: console.print(msg, highlight=False, markup=False))
     except QarmError as exc:

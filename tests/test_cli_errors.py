@@ -128,3 +128,52 @@ def test_known_failures_name_the_path():
     assert cli._known_failure(error) == "/data/items.parquet: No such file or directory"
     assert cli._known_failure(RuntimeError("Error in faiss::read_index at index_read.cpp")).startswith("faiss:")
     assert cli._known_failure(RuntimeError("CUDA out of memory")) is None
+
+
+# -- output folders never overlap inputs ------------------------------------------------------------
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from qarm.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    prepare("synthetic", out, loader_options={"n_items": 200, "n_users": 50, "n_interactions": 3000})
+    return out
+
+
+OVERLAPS = {"same": lambda d: d, "parent": lambda d: d.parent, "child": lambda d: d / "sub"}
+WRITERS = {
+    "align": lambda d, out: ["align", str(d), "--out", str(out)],
+    "quantize": lambda d, out: ["quantize", str(d), "--out", str(out), "--overwrite"],
+    "train": lambda d, out: ["train", str(d), "--out", str(out), "--model", "id_only"],
+    "train --codes": lambda d, out: ["train", str(d.parent / "other"), "--out", str(out), "--codes", str(d)],
+    "ablate": lambda d, out: ["ablate", str(d), "--out", str(out)],
+    "leaderboard": lambda d, out: ["leaderboard", str(d), "--out", str(out)],
+    "replay": lambda d, out: ["replay", str(d), "--out", str(out)],
+    "prepare --source": lambda d, out: ["data", "prepare", "--dataset", "generic", "--source", str(d), "--out",
+                                        str(out), "--overwrite"],
+    "run --source": lambda d, out: ["run", "--dataset", "generic", "--source", str(d), "--out", str(out)],
+    "export": lambda d, out: ["export", str(d), "--to", str(out)],
+}
+
+
+@pytest.mark.parametrize("writer, overlap", [(w, o) for w in WRITERS for o in OVERLAPS
+                                             # a bundles' folder inside its run folder is the usual layout
+                                             if (w, o) != ("export", "child")])
+def test_an_output_folder_overlapping_an_input_is_refused_before_anything_is_written(
+        prepared: Path, tmp_path: Path, capsys, writer: str, overlap: str):
+    data = tmp_path / "inputs" / "data"
+    data.parent.mkdir()
+    import shutil
+
+    shutil.copytree(prepared, data)
+    before = snapshot(tmp_path)
+    out = OVERLAPS[overlap](data)
+    code, output = run_main(capsys, *WRITERS[writer](data, out))
+    assert code == 2, output
+    assert "must not overlap an input" in output and "Traceback" not in output, output
+    assert snapshot(tmp_path) == before, "a refused command changed its input"

@@ -221,3 +221,20 @@ def test_bf16_training_keeps_float32_weights_learns_and_predicts_close_to_float3
     # bfloat16 keeps 8 bits of mantissa: probabilities agree to about 1e-2, not to float32's 1e-6
     difference = np.abs(bf16["score_click"].to_numpy() - fp32["score_click"].to_numpy())
     assert 0 < difference.max() < 0.05
+
+
+def test_a_resumed_run_says_it_resumed(data, tables, tmp_path):
+    source, _ = data
+    config = TrainConfig(epochs=1, batch_size=512, checkpoint_every=2, seed=3)
+
+    def interrupt(step: int, loss: float) -> None:
+        if step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(build_model("id_only", source.spec, tables, seed=3), source, config, tmp_path, progress=False,
+              on_step=interrupt)
+    said: list[str] = []
+    train(build_model("id_only", source.spec, tables, seed=3), source, config, tmp_path, progress=False,
+          log=said.append)
+    assert said and said[0].startswith("resuming from step 2 of "), said

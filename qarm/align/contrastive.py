@@ -48,6 +48,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -566,15 +567,18 @@ class _Trainer:
                 for name in (CHECKPOINT_FILE, BEST_FILE):
                     (self.out_dir / name).unlink(missing_ok=True)
         torch.manual_seed(self.config.seed)
-        if not (resume and self.load_checkpoint()):
+        if resume and self.load_checkpoint():
+            if self.progress:  # say so, terminal or not: a resumed run must not look like a fresh one
+                print(f"aligning: resuming from step {self.step:,} of {self.max_steps:,} ({self.out_dir})",
+                      file=sys.stderr, flush=True)
+        else:
             self.record_eval()  # step 0: the pre-trained encoder sets the bar (and is the first "best")
         start = time.perf_counter()
         seconds_before = self.history.train_seconds
         self.encoder.train()
         stop = self.history.stopped if self.history.stopped in ("max_steps", "max_epochs", "early_stopping") else ""
         try:
-            with progress_bar(self.max_steps, "aligning", self.progress) as advance:
-                advance(self.step)
+            with progress_bar(self.max_steps, "aligning", self.progress, completed=self.step) as advance:
                 while not stop and self.step < self.max_steps:
                     loss = self.train_step()
                     self.history.train_seconds = seconds_before + time.perf_counter() - start

@@ -56,6 +56,7 @@ from qarm.data import schema as S
 from qarm.data.io import atomic_directory, write_json
 from qarm.data.schema import Dataset
 from qarm.errors import ConfigError, DataError
+from qarm.progress import progress_bar
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -526,8 +527,7 @@ def train_user2item(
     seconds_curve = 0.0  # per-epoch evaluations, not counted as training time
     model.train()
     train_start = time.perf_counter()
-    with _progress_bar(progress) as bar:
-        task = bar.add_task("user2item", total=config.epochs * n_batches, loss=float("nan"))
+    with progress_bar(config.epochs * n_batches, "user2item", progress) as advance:
         for epoch in range(config.epochs):
             order = rng.permutation(examples)
             running, total = float("nan"), 0.0
@@ -546,7 +546,7 @@ def train_user2item(
                 value = float(loss.detach())
                 total += value
                 running = value if math.isnan(running) else 0.98 * running + 0.02 * value
-                bar.update(task, advance=1, loss=running, description=f"user2item epoch {epoch + 1}/{config.epochs}")
+                advance(1, epoch=f"{epoch + 1}/{config.epochs}", loss=running)
             epoch_loss.append(total / max(n_batches, 1))
             line = f"epoch {epoch + 1}/{config.epochs}: loss {epoch_loss[-1]:.4f}"
             if config.eval_every_epoch:
@@ -574,23 +574,6 @@ def train_user2item(
     if curve:
         metrics["epoch_valid"] = curve
     return model, metrics
-
-
-def _progress_bar(enabled: bool) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        disable=not enabled, transient=False,
-    )
 
 
 # --------------------------------------------------------------------------------------------------

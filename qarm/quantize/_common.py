@@ -81,14 +81,8 @@ def content_hash(prefix: str, config: dict[str, Any], arrays: Sequence[np.ndarra
 
 @contextmanager
 def progress_bar(total: int, description: str, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``; a rich progress bar on stderr when ``enabled``, else a no-op."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Yield ``advance(n)``: :func:`qarm.progress.progress_bar` (a bar on a terminal, log lines without one)."""
+    from qarm.progress import progress_bar as shared
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+    with shared(total, description, enabled) as advance:
+        yield lambda n: advance(n)

@@ -451,8 +451,10 @@ class _Trainer:
         # A finished run stays finished unless a larger budget (epochs, max_steps, max_seconds) is given.
         stop = "early_stopping" if loaded and self.history.stopped == "early_stopping" else self._budget_spent()
         seconds_before, start = self.history.train_seconds, time.perf_counter()
-        with progress_bar(self.total_steps, "training", self.progress) as advance:
-            advance(min(self.step, self.total_steps))
+        if loaded:
+            self.log(f"resuming from step {self.step:,} of {self.total_steps:,} ({self.out_dir})")
+        with progress_bar(self.total_steps, "training", self.progress, completed=min(self.step, self.total_steps)) \
+                as advance:
             while not stop:
                 batch = self.batch_at(self.step)
                 loss = self.train_step(batch)

@@ -250,9 +250,9 @@ def quantize(
         quantize_config = _quantize_config(config, set_)
         check_output_folder(out, {"input folder": data})
         if (data / "align_report.json").exists():
-            item_vectors, item_ids, categories = _align_folder_vectors(data, vectors or "aligned")
+            item_vectors, item_ids, categories, inputs = _align_folder_vectors(data, vectors or "aligned")
             summary = quantize_items(item_vectors, item_ids, out, quantize_config, categories=categories,
-                                     overwrite=overwrite, log=log, progress=True)
+                                     overwrite=overwrite, log=log, progress=True, inputs=inputs)
         else:
             summary = quantize_dataset(data, out, quantize_config, vectors=vectors, overwrite=overwrite, log=log,
                                        progress=True)
@@ -262,8 +262,9 @@ def quantize(
     Console().print(Markdown((out / "quality.md").read_text()))
 
 
-def _align_folder_vectors(folder: Path, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(vectors, item ids, categories or None) of an align folder and the dataset it was made from."""
+def _align_folder_vectors(folder: Path, which: str
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """(vectors, item ids, categories or None, provenance) of an align folder and the dataset it was made from."""
     import json as _json
 
     from qarm.align.contrastive import read_alignment
@@ -273,9 +274,11 @@ def _align_folder_vectors(folder: Path, which: str) -> tuple[np.ndarray, np.ndar
     if which not in vectors:
         raise ConfigError(f"{folder}: unknown vectors {which!r}; available: {sorted(vectors)}")
     report = _json.loads((folder / "align_report.json").read_text())
-    items = load_dataset(report["dataset"]["path"], validate=False).items
+    dataset = load_dataset(report["dataset"]["path"], validate=False)
+    items = dataset.items
     categories = items["category"].to_numpy(dtype=object) if "category" in items.columns else None
-    return vectors[which], items["item_id"].to_numpy(), categories
+    inputs = {"catalogue": dataset.catalogue_digest(), "align_dir": str(folder.resolve()), "vectors": which}
+    return vectors[which], items["item_id"].to_numpy(), categories, inputs
 
 
 @codes_app.command("inspect")

@@ -134,7 +134,8 @@ def run_pipeline(config: RunConfig, out: str | Path, *, fresh: bool = False, log
         vectors, _ = read_aligned_vectors(align_dir)
         categories = dataset.items[S.CATEGORY].to_numpy(dtype=object) if S.CATEGORY in dataset.items else None
         quantize_items(vectors, dataset.items[S.ITEM_ID].to_numpy(), quantize_dir, config.quantize,
-                       categories=categories, overwrite=True, log=log)
+                       categories=categories, overwrite=True, log=log,
+                       inputs={"catalogue": dataset.catalogue_digest(), "align_dir": str(align_dir.resolve())})
 
     stages.run("quantize", config.quantize, ("align",), quantize_dir / "quantize.json", run_quantize)
 

@@ -132,6 +132,7 @@ def align_dataset(
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "torch_threads": torch.get_num_threads()},
         "dataset": {"path": str(Path(dataset_dir).resolve()), "name": dataset.meta.name,
+                    "catalogue": dataset.catalogue_digest(),
                     "items": dataset.n_items, "cold_items": int(dataset.items[S.COLD_START].sum())},
         "config": to_dict(config),
         "user2item": {"model": u2i_metrics, "popularity": popularity},
@@ -222,5 +223,5 @@ def _parquet_bytes(frame: pd.DataFrame) -> bytes:
     import io
 
     buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
+    frame.to_parquet(buffer, index=False, write_page_checksum=True)
     return buffer.getvalue()

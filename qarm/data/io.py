@@ -165,13 +165,13 @@ def _read_table(path: Path) -> pa.Table:
     if not path.exists():
         raise DataError(f"{path}: missing file")
     try:
-        return pq.read_table(path)
+        return pq.read_table(path, page_checksum_verification=True)  # a flipped byte is an error, not data
     except (OSError, pa.ArrowException) as exc:
         raise DataError(f"{path}: cannot read Parquet ({exc})") from exc
 
 
 def _write_table(table: pa.Table, path: Path) -> None:
-    pq.write_table(table, path, compression="zstd")
+    pq.write_table(table, path, compression="zstd", write_page_checksum=True)
 
 
 def _json_default(value: Any) -> Any:

@@ -43,6 +43,7 @@ ITEM_ID = "item_id"
 USER_ID = "user_id"
 SOURCE_ID = "source_id"
 TIME = "time"
+MAX_TIME = 2**53  # |time| bound (seconds or order): ~285 million years, exactly representable as float64
 SEQ = "seq"
 CATEGORY = "category"
 CREATED_AT = "created_at"
@@ -91,6 +92,18 @@ class DatasetMeta:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def catalogue_digest(name: str, source_ids: Any, texts: Any = None) -> str:
+    """``catalogue-<16 hex>``: SHA-256 of the dataset name and the items' source ids (and texts, one tuple
+    of fields per item, when given) in item id order."""
+    import hashlib
+
+    h = hashlib.sha256(name.encode("utf-8") + b"\0")
+    rows = zip(source_ids, texts) if texts is not None else ((i, ()) for i in source_ids)
+    for value, fields in rows:
+        h.update(str(value).encode("utf-8") + b"\x1f" + "\x1f".join(fields).encode("utf-8") + b"\0")
+    return f"catalogue-{h.hexdigest()[:16]}"
+
+
 @dataclass
 class Dataset:
     """Items, interactions and users in memory, plus the modality vectors of the items.
@@ -116,6 +129,14 @@ class Dataset:
     @property
     def n_items(self) -> int:
         return len(self.items)
+
+    def catalogue_digest(self) -> str:
+        """What identifies the item catalogue: the dataset's name and every item's source id and text, in
+        item id order. Codes and vectors made for one catalogue are refused by another with the same item
+        count (qarm.features.ItemTables.build)."""
+        ids = self.items[SOURCE_ID] if SOURCE_ID in self.items else self.items[ITEM_ID]
+        texts = [self.items[c].astype(str).tolist() for c in self.meta.text_columns if c in self.items]
+        return catalogue_digest(self.meta.name, ids, list(zip(*texts)) if texts else None)
 
     @property
     def n_users(self) -> int:

@@ -27,6 +27,11 @@ def validate_dataset(dataset: Dataset) -> Dataset:
     for column in (S.USER_ID, S.ITEM_ID, S.TIME, S.SEQ):
         _require_column(inter, f, column)
         _require_int(inter, f, column)
+    times = inter[S.TIME].to_numpy()
+    out_of_range = np.abs(times.astype(np.float64)) > S.MAX_TIME
+    if out_of_range.any():
+        raise DataError(f"times out of range (|time| > {S.MAX_TIME}: an overflow or a unit error) for rows",
+                        file=f, column=S.TIME, ids=np.flatnonzero(out_of_range))
     _check_foreign_key(inter, f, S.ITEM_ID, len(dataset.items), S.ITEMS_FILE)
     _check_foreign_key(inter, f, S.USER_ID, len(dataset.users), S.USERS_FILE)
     seq = inter[S.SEQ].to_numpy()

@@ -99,7 +99,7 @@ from qarm.encode.text import (
     text_dimension,
     tokenize,
 )
-from qarm.errors import ConfigError, QarmError
+from qarm.errors import ConfigError, DataError, QarmError
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -125,6 +125,7 @@ class ContentEncoderConfig:
     residual_hidden: int = 1024  # hidden units of the residual MLP on the fused parts (0: a linear head only)
     normalize: bool = True  # unit vectors: cosine = dot product for the loss, the index and the codes
     seed: int = 0  # seeds the parameters that PCA does not set (gate weights start at 0 anyway)
+    allow_uninformative: bool = False  # accept content that is the same for every item (all texts empty, equal vectors)
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -175,6 +176,26 @@ class ItemInputs:
     def take(self, ids: np.ndarray) -> ItemInputs:
         ids = np.asarray(ids, dtype=np.int64)
         return ItemInputs([self.texts[i] for i in ids], {m: v[ids] for m, v in self.vectors.items()})
+
+
+def check_informative(inputs: ItemInputs, use_text: bool, name: str) -> None:
+    """Refuse content that is the same for every item: every item would get the same vector, every code
+    would collide, and nothing downstream would say why."""
+    if len(inputs) < 2:
+        return
+    text_varies = use_text and any(t.strip() for t in inputs.texts) and len(set(inputs.texts)) > 1
+    varying = [m for m, v in inputs.vectors.items() if not np.all(v == v[:1])]
+    if text_varies or varying:
+        return
+    parts = []
+    if use_text:
+        empty = sum(1 for t in inputs.texts if not t.strip())
+        parts.append(f"all {len(inputs):,} texts empty" if empty == len(inputs) else "every text the same")
+    parts += [f"'{m}' vectors equal for every item" for m in inputs.vectors]
+    raise DataError(f"dataset {name!r}: the item content is the same for every item ({'; '.join(parts) or 'no content'}), "
+                    "so every item would get the same vector and the same codes; check the text / vector columns "
+                    "of the items file, or pass --set encoder.allow_uninformative=true to `qarm align` "
+                    "(align.encoder.allow_uninformative=true to `qarm run`) to proceed anyway")
 
 
 class ContentEncoder(nn.Module):
@@ -313,6 +334,8 @@ class ContentEncoder(nn.Module):
         """
         use_text, modalities = self._resolve_parts(dataset)
         inputs = ItemInputs.from_dataset(dataset, modalities)
+        if not self.config.allow_uninformative:
+            check_informative(inputs, use_text, dataset.meta.name)
         dims = ({TEXT: 0} if use_text else {}) | {m: int(v.shape[1]) for m, v in inputs.vectors.items()}
         if use_text:
             if self.text_model is None:

@@ -98,6 +98,7 @@ class ExampleSource:
             raise DataError(f"interactions lack the columns {missing}", file=S.INTERACTIONS_FILE)
 
         self.meta = dataset.meta
+        self.catalogue = dataset.catalogue_digest()  # refuses codes and vectors of another catalogue
         self.history_length = history_length
         self.user = inter[S.USER_ID].to_numpy(dtype=np.int64)
         self.item = inter[S.ITEM_ID].to_numpy(dtype=np.int64)

@@ -156,8 +156,13 @@ def quantize_items(
     overwrite: bool = False,
     log: Log | None = None,
     progress: bool = False,
+    inputs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit VQ and RQ codebooks on the catalogue and write a quantize folder (atomically).
+
+    ``inputs`` (provenance, recorded in ``quantize.json``): what the vectors were made from, e.g.
+    ``{"catalogue": dataset.catalogue_digest(), "align_dir": ...}``; consumers refuse codes of another
+    catalogue (:meth:`qarm.features.ItemTables.build`).
 
     Parameters
     ----------
@@ -237,6 +242,7 @@ def quantize_items(
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "faiss_threads": faiss_ops.num_threads()},
         "seconds": seconds,
+        "inputs": dict(inputs or {}),
     }
 
     def write(tmp: Path) -> None:
@@ -287,7 +293,9 @@ def quantize_dataset(
     items = dataset.items
     categories = items["category"].to_numpy(dtype=object) if "category" in items.columns else None
     return quantize_items(dataset.item_vectors[vectors], items["item_id"].to_numpy(), out_dir, config,
-                          categories=categories, overwrite=overwrite, log=log, progress=progress)
+                          categories=categories, overwrite=overwrite, log=log, progress=progress,
+                          inputs={"catalogue": dataset.catalogue_digest(), "dataset_dir": str(Path(dataset_dir).resolve()),
+                                  "vectors": vectors})
 
 
 def assign_new_items(
@@ -431,7 +439,17 @@ def read_codes(out_dir: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     path = Path(out_dir) / CODES_FILE
     if not path.exists():
         raise DataError(f"{path}: missing; is {out_dir} a quantize folder?")
-    table = pq.read_table(path)
+    try:  # page checksums: a flipped byte is an error, never different codes
+        table = pq.read_table(path, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{path}: cannot read the codes ({exc}); quantize again (qarm quantize --overwrite)") from exc
+    recorded = (table.schema.metadata or {}).get(b"qarm.codes_version", b"").decode() or None
+    meta_path = Path(out_dir) / META_FILE
+    if recorded is not None and meta_path.exists():
+        expected = _read_meta(Path(out_dir)).get("codes_version")
+        if expected is not None and recorded != expected:
+            raise DataError(f"{path} holds codes of version {recorded}, but {meta_path} records {expected}: the folder "
+                            "mixes two quantize runs; quantize again into it (qarm quantize --overwrite)")
     names = table.column_names
     ids = table.column("item_id").to_numpy().astype(np.int64)
     codes = {}
@@ -448,7 +466,7 @@ def _write_codes_parquet(path: Path, ids: np.ndarray, vq_codes: np.ndarray, rq_c
     columns |= {f"vq_{j}": pa.array(vq_codes[:, j], type=pa.int64()) for j in range(vq_codes.shape[1])}
     columns |= {f"rq_{j}": pa.array(rq_codes[:, j]).cast(rq_type) for j in range(rq_codes.shape[1])}
     table = pa.table(columns).replace_schema_metadata({"qarm.codes_version": version})
-    pq.write_table(table, path, compression="zstd")
+    pq.write_table(table, path, compression="zstd", write_page_checksum=True)
 
 
 def _read_meta(out_dir: Path) -> dict[str, Any]:

@@ -215,7 +215,7 @@ def export_bundle(run_dir: str | Path, models_dir: str | Path, *, row: str | Non
     try:
         (tmp / WEIGHTS_FILE).write_bytes(weights_bytes)
         (tmp / TABLES_FILE).write_bytes(tables_bytes)
-        _ids_frame(dataset).to_parquet(tmp / IDS_FILE, index=False)
+        _ids_frame(dataset).to_parquet(tmp / IDS_FILE, index=False, write_page_checksum=True)
         shutil.copyfile(folders.quantize_dir / "rq_codebooks.safetensors", tmp / RQ_FILE)
         shutil.copyfile(folders.quantize_dir / "vq_codebook.safetensors", tmp / VQ_FILE)
         shutil.copytree(folders.align_dir / "encoder", tmp / ENCODER_DIR)

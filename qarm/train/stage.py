@@ -151,7 +151,7 @@ def train_ranking(dataset_dir: str | Path | None, out_dir: str | Path, config: R
     metrics = evaluate_predictions(frame, list(source.tasks),
                                    n_longtail_groups=len(groups) or int(source.item_longtail.max(initial=0)))
     out_dir.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(out_dir / PREDICTIONS_FILE, index=False)
+    frame.to_parquet(out_dir / PREDICTIONS_FILE, index=False, write_page_checksum=True)
     seconds["evaluate"] = time.perf_counter() - start
 
     report = {

@@ -388,7 +388,12 @@ def seconds(table: pd.DataFrame, column: str, file: str) -> np.ndarray:
     if not pd.api.types.is_datetime64_any_dtype(values.dtype):
         numeric = pd.to_numeric(values, errors="coerce")
         if numeric.notna().all():
-            return np.floor(numeric.to_numpy(dtype=np.float64)).astype(np.int64)
+            number = numeric.to_numpy(dtype=np.float64)
+            bad = ~(np.abs(number) <= S.MAX_TIME)  # NaN, inf and 1e30 alike: no int64 would hold them honestly
+            if bad.any():
+                raise DataError(f"times must be finite numbers of seconds within +-{S.MAX_TIME:.0e}; other values",
+                                file=file, column=column, ids=values[bad].unique())
+            return np.floor(number).astype(np.int64)
     with warnings.catch_warnings():  # pandas warns when it falls back to parsing each value on its own
         warnings.simplefilter("ignore", UserWarning)
         parsed = pd.to_datetime(values, utc=True, errors="coerce")

@@ -54,13 +54,40 @@ def _source_of(dataset: str, source: Path | None) -> Path | None:
         return source  # the loader itself will say what is missing
 
 
+def show_markdown(text: str) -> None:
+    """A Markdown report on stdout: rendered by rich on a terminal wide enough for its tables; the Markdown
+    text itself otherwise (piped, CI, a narrow terminal), so that no number is ever cut to fit a width."""
+    out = Console()
+    widest = max((len(line) for line in text.splitlines() if line.startswith("|")), default=0)
+    if out.is_terminal and widest <= out.width:
+        out.print(Markdown(text))
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def _clean_failed_run(out: Path, created: bool) -> None:
+    """After a failed ``qarm run``: a folder this run created and in which no stage finished is removed
+    (nothing is left behind); one with finished stages is kept, since the next run resumes from them."""
+    import shutil
+
+    from qarm.pipeline import STAGES_FILE
+
+    if not created or not out.exists():
+        return
+    if (out / STAGES_FILE).exists():
+        console.print(f"note: kept {out}: its finished stages are reused by the next `qarm run --out {out}` "
+                      "(delete the folder to start clean)", highlight=False, markup=False)
+        return
+    shutil.rmtree(out, ignore_errors=True)
+
+
 def _show(data: dict[str, Any], as_json: bool, markdown: Any) -> None:
     """Print a report as JSON on stdout, or rendered Markdown."""
     if as_json:
         json.dump(data, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
-        Console().print(Markdown(markdown(data)))
+        show_markdown(markdown(data))
 
 
 def parse_sets(overrides: list[str] | None) -> dict[str, Any]:
@@ -137,11 +164,18 @@ def run(
         run_config = run_config_from_dict(options)
         out = out or Path("runs") / dataset
         check_output_folder(out, {"source folder": _source_of(dataset, source)})
-        run_pipeline(run_config, out, fresh=fresh, log=lambda msg: console.print(msg, highlight=False, markup=False))
     except QarmError as exc:
         _fail(exc)
+    created = not out.exists()
+    try:
+        run_pipeline(run_config, out, fresh=fresh, log=lambda msg: console.print(msg, highlight=False, markup=False))
+    except BaseException as exc:
+        _clean_failed_run(out, created)
+        if isinstance(exc, QarmError):
+            _fail(exc)
+        raise
     console.print(f"report: {out / 'report.md'}")
-    Console().print(Markdown((out / "report.md").read_text()))
+    show_markdown((out / "report.md").read_text())
 
 
 @data_app.command("list")
@@ -177,7 +211,7 @@ def data_prepare(
     except QarmError as exc:
         _fail(exc)
     console.print(f"wrote {path} (" + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) + ")")
-    Console().print(Markdown(render_markdown(describe_with_probe(ds))))
+    show_markdown(render_markdown(describe_with_probe(ds)))
 
 
 @data_app.command("describe")
@@ -216,7 +250,7 @@ def align(
                       log=lambda msg: console.print(msg, highlight=False, markup=False))
     except QarmError as exc:
         _fail(exc)
-    Console().print(Markdown((out / "align_report.md").read_text()))
+    show_markdown((out / "align_report.md").read_text())
 
 
 codes_app = typer.Typer(help="Codes: inspect a quantize folder, code new items, publish to a store.",
@@ -259,7 +293,7 @@ def quantize(
     except QarmError as exc:
         _fail(exc)
     console.print(f"wrote {out} (codes version {summary.get('codes_version', '?')})")
-    Console().print(Markdown((out / "quality.md").read_text()))
+    show_markdown((out / "quality.md").read_text())
 
 
 def _align_folder_vectors(folder: Path, which: str
@@ -370,7 +404,7 @@ def train(
         _, md = write_report(out / "metrics", {ranking.model: report["metrics"]}, metrics=("gauc", "auc", "logloss"))
     except QarmError as exc:
         _fail(exc)
-    Console().print(Markdown(md.read_text()))
+    show_markdown(md.read_text())
 
 
 @app.command()
@@ -396,7 +430,7 @@ def ablate(
     except QarmError as exc:
         _fail(exc)
     console.print(f"wrote {out / 'ablation.md'}")
-    Console().print(Markdown((out / "ablation.md").read_text()))
+    show_markdown((out / "ablation.md").read_text())
 
 
 @app.command()
@@ -425,7 +459,7 @@ def leaderboard(
     except QarmError as exc:
         _fail(exc)
     console.print(f"wrote {out / 'leaderboard.md'}")
-    Console().print(Markdown((out / "leaderboard.md").read_text()))
+    show_markdown((out / "leaderboard.md").read_text())
 
 
 @app.command()
@@ -463,7 +497,7 @@ def replay(
                    log=lambda msg: console.print(msg, highlight=False, markup=False))
     except QarmError as exc:
         _fail(exc)
-    Console().print(Markdown((out / "replay.md").read_text()))
+    show_markdown((out / "replay.md").read_text())
 
 
 @app.command("export")

@@ -177,3 +177,27 @@ def test_an_output_folder_overlapping_an_input_is_refused_before_anything_is_wri
     assert code == 2, output
     assert "must not overlap an input" in output and "Traceback" not in output, output
     assert snapshot(tmp_path) == before, "a refused command changed its input"
+
+
+def test_a_failed_run_leaves_nothing_it_created(tmp_path: Path, capsys):
+    out = tmp_path / "runs" / "new"
+    code, output = run_main(capsys, "run", "--dataset", "generic", "--source", str(tmp_path / "missing.yaml"),
+                            "--out", str(out))
+    assert code == 2 and "source not found" in output, output
+    assert not out.exists()
+    existing = tmp_path / "kept"
+    existing.mkdir()
+    (existing / "mine.txt").write_text("the user's")
+    code, output = run_main(capsys, "run", "--dataset", "generic", "--source", str(tmp_path / "missing.yaml"),
+                            "--out", str(existing))
+    assert code == 2 and (existing / "mine.txt").read_text() == "the user's"  # a folder it did not create stays
+
+
+def test_reports_piped_are_the_markdown_itself_never_cut(prepared: Path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["data", "describe", str(prepared)])
+    assert exit_info.value.code in (0, None)
+    text = capsys.readouterr().out
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert table, text
+    assert "…" not in text  # rich cut numbers to fit 80 columns when output was piped

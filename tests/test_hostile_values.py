@@ -129,3 +129,23 @@ def test_a_quantize_folder_holding_another_runs_codes_is_refused(small, tmp_path
     with pytest.raises(DataError, match=r"codes\.parquet holds codes of version .* but .*quantize\.json records .*"
                                         r"qarm quantize --overwrite"):
         read_codes(first)
+
+
+# -- leftovers: a killed writer's temporaries are removed by the next write ----------------------------
+
+def test_a_killed_writers_temporary_folder_is_removed_by_the_next_write(small, tmp_path: Path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "data"
+    code = ("import os, sys; from pathlib import Path; from qarm.data.io import atomic_directory; "
+            "atomic_directory(Path(sys.argv[1]), lambda tmp: ((tmp / 'half').write_text('x'), os._exit(9)))")
+    assert subprocess.run([sys.executable, "-c", code, str(out)], timeout=120).returncode == 9
+    leftovers = list(tmp_path.glob(".data.tmp-*"))
+    assert len(leftovers) == 1 and (leftovers[0] / "half").exists()  # what a kill -9 leaves
+    live = tmp_path / f".data.tmp-{__import__('os').getpid()}-inflight"  # a live writer's: kept
+    live.mkdir()
+    save_dataset(small, out)
+    assert not leftovers[0].exists()
+    assert live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["data", live.name])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -185,7 +186,7 @@ def test_source_not_yaml(shop: Path):
 def test_missing_column(shop: Path):
     path = edit(shop, "interactions", item="product")
     with pytest.raises(DataError, match=r"events\.csv: column 'product': missing column \(mapped by "
-                                        r"interactions\.item\); the file has \['uid', 'sku'"):
+                                        r"interactions\.item\); the file has 6 columns: \['uid', 'sku'"):
         load("generic", source=path)
 
 
@@ -326,3 +327,62 @@ def test_vector_needs_exactly_one_source(shop: Path):
     path = edit(shop, "items", vectors={"image_clip": {"path": "clip.npy", "column": "emb"}})
     with pytest.raises(ConfigError, match=r"items\.vectors\.image_clip: give exactly one of 'path'"):
         load("generic", source=path)
+
+
+# --- the JSON layouts people keep data in ------------------------------------------------------------------
+
+
+def _items_json(shop: Path, layout: str) -> None:
+    items = pd.read_csv(shop / "items.csv", dtype=str)
+    records = items.to_dict(orient="records")
+    if layout == "array":
+        (shop / "items.json").write_text(json.dumps(records))
+    else:  # one object keyed by id
+        (shop / "items.json").write_text(json.dumps({r["sku"]: {k: v for k, v in r.items() if k != "sku"}
+                                                     for r in records}))
+    edit(shop, "items", path="items.json")
+
+
+@pytest.mark.parametrize("layout", ["array", "keyed"])
+def test_items_as_a_json_array_or_an_object_keyed_by_id(shop: Path, layout: str):
+    csv = load("generic", source=EXAMPLE / "mapping.yaml")
+    _items_json(shop, layout)
+    ds = load("generic", source=shop / "mapping.yaml")
+    assert sorted(ds.items.source_id) == sorted(csv.items.source_id)
+    mine = ds.items.set_index("source_id").sort_index()
+    theirs = csv.items.set_index("source_id").sort_index()
+    assert mine["title"].tolist() == theirs["title"].tolist()
+
+
+def test_interactions_as_user_to_ordered_item_lists(shop: Path):
+    events = pd.read_csv(shop / "events.csv", dtype=str)
+    lists = {u: list(group.sort_values("ts")["sku"]) for u, group in events.groupby("uid")}
+    (shop / "lists.json").write_text(json.dumps(lists))
+    mapping = mapping_of(shop)
+    mapping["interactions"] = {"path": "lists.json", "user": "uid", "item": "sku"}
+    mapping["positive_only"] = True
+    ds = load("generic", source=write_mapping(shop, mapping))
+    assert ds.meta.time_unit == "order" and len(ds.interactions) == len(events)
+    first_user = ds.users.set_index("source_id").loc["u1", "user_id"]
+    order = ds.interactions[ds.interactions.user_id == first_user].sort_values("time")["item_id"]
+    assert ds.items.source_id[order].tolist() == lists["u1"]
+
+
+@pytest.mark.parametrize("content, found", [("42", "one JSON int"), ("[1, 2, 3]", "an array of int"),
+                                            ('{"a": 1, "b": [2]}', "of mixed values")])
+def test_a_json_layout_qarm_does_not_read_is_one_short_line(shop: Path, content: str, found: str):
+    (shop / "items.json").write_text(content)
+    edit(shop, "items", path="items.json")
+    with pytest.raises(DataError) as info:
+        load("generic", source=shop / "mapping.yaml")
+    message = str(info.value)
+    assert found in message and "JSON lines" in message and len(message) < 400, message
+
+
+def test_a_wide_file_lists_a_few_columns_not_all(shop: Path):
+    wide = {f"item-{k}": {"title": "x"} for k in range(5000)}  # an object keyed by id, read as a table
+    (shop / "wide.jsonl").write_text(json.dumps(wide))  # one line: JSON lines of one huge row
+    edit(shop, "items", path="wide.jsonl")
+    with pytest.raises(DataError) as info:
+        load("generic", source=shop / "mapping.yaml")
+    assert len(str(info.value)) < 1000, str(info.value)[:300]

@@ -418,3 +418,21 @@ def test_faiss_ops_checks_inputs():
         warnings.simplefilter("error")  # 200 points for 4 centroids: no warning
         centroids = faiss_ops.kmeans(np.random.default_rng(0).standard_normal((200, 2)), 4)
     assert centroids.shape == (4, 2) and centroids.dtype == np.float32
+
+
+def test_codebook_size_auto_is_what_the_catalogue_supports_and_warnings_name_the_option():
+    import warnings as _warnings
+
+    from qarm.quantize.api import RQConfig
+    from qarm.quantize.faiss_ops import auto_codebook_size, kmeans
+
+    assert [auto_codebook_size(n) for n in (10, 100, 4000, 9983, 9984, 10**6)] == [2, 2, 64, 128, 256, 256]
+    assert RQConfig(codebook_size="auto").build(n_items=4000).codebook_size == 64
+    assert RQConfig().build(n_items=4000).codebook_size == 256  # the default is unchanged
+    with pytest.raises(ConfigError, match="'auto'"):
+        RQConfig(codebook_size="many")
+    x = np.random.default_rng(0).normal(size=(300, 4)).astype(np.float32)
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.simplefilter("always")
+        kmeans(x, 64)
+    assert any("--set rq.codebook_size=4" in str(w.message) for w in caught), [str(w.message) for w in caught]

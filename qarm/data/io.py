@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from qarm.data import schema as S
 from qarm.data.schema import Dataset, DatasetMeta
 from qarm.data.validate import validate_dataset
 from qarm.errors import DataError
+from qarm.paths import temporary
 
 
 def save_dataset(dataset: Dataset, out_dir: str | Path, *, overwrite: bool = False) -> Path:
@@ -102,12 +102,12 @@ def atomic_directory(out_dir: Path, write: Any) -> None:
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary(out_dir)
     tmp.mkdir()
     try:
         write(tmp)
         if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            old = temporary(out_dir, "old")
             os.replace(out_dir, old)
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
@@ -122,7 +122,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file through a temporary name in the same folder, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary(path)
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)

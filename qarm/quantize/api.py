@@ -66,7 +66,8 @@ class RQConfig:
     """Residual k-means codes (see :class:`~qarm.quantize.rq.ResidualKMeans`)."""
 
     levels: int = 6  # the paper's code length
-    codebook_size: int | list[int] = 256  # per level; 256 fits a byte and gives 256^6 possible codes
+    codebook_size: int | list[int] | str = 256  # per level; 256 fits a byte and gives 256^6 possible codes;
+    # "auto": the largest power of two <= 256 with 39 items per centroid (faiss_ops.auto_codebook_size)
     normalize: bool = True  # aligned vectors are compared by cosine
     train_sample: int | None = None  # None: the residual chain is fitted on every item
     max_points_per_centroid: int | None = 256  # faiss's k-means subsample: 65,536 points per 256 centroids
@@ -74,10 +75,17 @@ class RQConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.codebook_size, str) and self.codebook_size != "auto":
+            raise ConfigError(f"The 'codebook_size' parameter of RQConfig must be an int >= 1, a list of ints or "
+                              f"'auto'. Got {self.codebook_size!r} instead.")
         self.build()._validate_params()  # fail at config time, with the estimator's message
 
-    def build(self, verbose: bool = False) -> ResidualKMeans:
-        return ResidualKMeans(levels=self.levels, codebook_size=self.codebook_size, normalize=self.normalize,
+    def build(self, verbose: bool = False, n_items: int | None = None) -> ResidualKMeans:
+        """The estimator; ``codebook_size="auto"`` resolves on ``n_items`` (256 when it is not known)."""
+        size: int | list[int] = 256 if n_items is None else faiss_ops.auto_codebook_size(n_items)
+        if not isinstance(self.codebook_size, str):
+            size = self.codebook_size
+        return ResidualKMeans(levels=self.levels, codebook_size=size, normalize=self.normalize,
                               train_sample=self.train_sample, max_points_per_centroid=self.max_points_per_centroid,
                               niter=self.niter, random_state=self.seed, verbose=verbose)
 
@@ -198,7 +206,7 @@ def quantize_items(
     seconds: dict[str, float] = {}
 
     start = time.perf_counter()
-    rq = config.rq.build(verbose=progress)
+    rq = config.rq.build(verbose=progress, n_items=len(x))
     rq_codes = rq.fit_transform(x)
     seconds["rq_fit_assign"] = time.perf_counter() - start
     say(f"quantize: RQ {rq.levels} levels x {rq.codebook_sizes_} on {len(x):,} x {x.shape[1]} "

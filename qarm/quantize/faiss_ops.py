@@ -122,6 +122,15 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def auto_codebook_size(n_points: int, largest: int = 256) -> int:
+    """The largest power of two <= ``largest`` with at least 39 points per centroid (faiss's rule of
+    thumb), at least 2: what a catalogue of ``n_points`` items supports."""
+    size = 2
+    while size * 2 <= largest and size * 2 * MIN_POINTS_PER_CENTROID <= n_points:
+        size *= 2
+    return size
+
+
 def kmeans(
     x: np.ndarray,
     k: int,
@@ -168,7 +177,9 @@ def kmeans(
     if n < MIN_POINTS_PER_CENTROID * k:
         warnings.warn(
             f"k-means of {n} points into {k} centroids: fewer than {MIN_POINTS_PER_CENTROID} points per "
-            f"centroid (faiss's rule of thumb); centroids may be poor. Use a smaller codebook.",
+            f"centroid (faiss's rule of thumb); centroids may be poor. Use a smaller codebook: "
+            f"--set rq.codebook_size={auto_codebook_size(n)} (qarm quantize; quantize.rq.codebook_size in qarm run), "
+            "or rq.codebook_size=auto",
             SmallTrainingSetWarning,
             stacklevel=2,
         )

@@ -236,7 +236,8 @@ class ResidualKMeans:
             if n_train < k:
                 raise DataError(
                     f"{type(self).__name__} needs at least {k} training vectors for a codebook of {k} "
-                    f"at level {level}; got {n_train}. Use a smaller codebook_size or more vectors."
+                    f"at level {level}; got {n_train}. Use a smaller codebook (--set rq.codebook_size=N, or "
+                    "rq.codebook_size=auto) or more vectors."
                 )
 
     # Two seams: the k-means of one level and the nearest-centroid assignment. The benchmark swaps in

@@ -34,7 +34,6 @@ import os
 import platform
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +53,7 @@ from qarm.data.io import atomic_write_bytes, load_dataset, write_json
 from qarm.errors import ConfigError, DataError, QarmError
 from qarm.features.examples import ExampleSource, FeatureSpec
 from qarm.features.tables import ItemTables
+from qarm.paths import temporary
 from qarm.train.continual import VOCABULARY_FILE
 
 BUNDLE_FORMAT = "qarm.bundle/1"
@@ -210,7 +210,7 @@ def export_bundle(run_dir: str | Path, models_dir: str | Path, *, row: str | Non
     final = models_dir / VERSIONS_DIR / version
     if final.exists():
         raise DataError(f"{final} already exists; versions are never overwritten")
-    tmp = models_dir / VERSIONS_DIR / f".{version}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary(models_dir / VERSIONS_DIR / version)
     tmp.mkdir(parents=True)
     try:
         (tmp / WEIGHTS_FILE).write_bytes(weights_bytes)

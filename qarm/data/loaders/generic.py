@@ -19,6 +19,7 @@ data) naming the file and the column.
 
 from __future__ import annotations
 
+import io
 import operator
 import re
 import warnings
@@ -268,19 +269,70 @@ def read_table(path: Path, *, roles: dict[str, str], id_columns: list[str]) -> p
         except (OSError, ValueError, pa.ArrowException) as exc:
             raise DataError(f"{path}: cannot read the Parquet file ({exc})") from exc
     elif suffix in (".jsonl", ".json"):
-        try:
-            table = pd.read_json(path, lines=True, dtype=False)
-        except ValueError as exc:
-            raise DataError(f"{path}: cannot parse the file as JSON lines, one object per line ({exc})") from exc
+        table = read_json_table(path, roles)
     else:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {list(TABLE_SUFFIXES)}")
     if len(table) == 0:
         raise DataError(f"{path}: the file has no rows")
     for column, key in roles.items():
         if column not in table.columns:
-            raise DataError(f"missing column (mapped by {key}); the file has {list(table.columns)}",
+            columns = [str(c) for c in table.columns]
+            shown = columns[:20] + ([f"... {len(columns) - 20} more"] if len(columns) > 20 else [])
+            raise DataError(f"missing column (mapped by {key}); the file has {len(columns)} columns: {shown}",
                             file=str(path), column=column)
     return table
+
+
+JSON_LAYOUTS = ("JSON lines (one object per line)", "a JSON array of objects",
+                "one object keyed by id whose values are objects",
+                "for interactions, one object user id -> ordered list of item ids")
+
+
+def read_json_table(path: Path, roles: dict[str, str]) -> pd.DataFrame:
+    """A table from the JSON layouts people keep data in (:data:`JSON_LAYOUTS`); anything else is one short
+    error saying which layout was found. ``roles`` names the id column an object's keys fill (the column
+    mapped by ``items.id`` / ``users.id``, or ``interactions.user`` and ``interactions.item``)."""
+    import json
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None  # several values: JSON lines, or broken
+    if whole is None:
+        try:
+            return pd.read_json(io.StringIO(text), lines=True, dtype=False)
+        except ValueError as exc:
+            raise DataError(f"{path}: cannot parse the file as JSON lines, one object per line "
+                            f"({' '.join(str(exc).split())[:200]}); qarm also reads {'; '.join(JSON_LAYOUTS[1:])}") from exc
+    by_key = {key: column for column, key in roles.items()}
+    id_column = next((by_key[k] for k in ("items.id", "users.id") if k in by_key), None)
+    if isinstance(whole, list) and all(isinstance(row, dict) for row in whole):
+        return pd.DataFrame(whole)
+    if isinstance(whole, dict) and whole and all(isinstance(v, dict) for v in whole.values()):
+        if id_column is None:
+            raise DataError(f"{path}: one JSON object keyed by id holds a table of items or users, not interactions; "
+                            "give interactions as JSON lines, an array of objects or user -> list of items")
+        return pd.DataFrame([{**value, id_column: key} for key, value in whole.items()])
+    if isinstance(whole, dict) and whole and all(isinstance(v, list) for v in whole.values()):
+        user, item = by_key.get("interactions.user"), by_key.get("interactions.item")
+        if user is None or item is None:
+            raise DataError(f"{path}: one JSON object of lists (user -> items) holds interactions; it is mapped as "
+                            f"{sorted(set(roles.values()))[:3]}")
+        extra = sorted(k for k in roles.values() if k not in ("interactions.user", "interactions.item"))
+        if extra:
+            raise DataError(f"{path}: the layout user -> list of items has no {extra[0]} column (only the order of "
+                            "each user's items); remove it from the mapping or use JSON lines with that field")
+        rows = [(u, i) for u, items in whole.items() for i in items]
+        if any(isinstance(i, (dict, list)) for _, i in rows):
+            raise DataError(f"{path}: user -> list of items must list item ids (strings or numbers)")
+        return pd.DataFrame(rows, columns=[user, item])
+    found = (f"an array of {type(whole[0]).__name__}" if isinstance(whole, list) and whole else
+             f"one JSON {type(whole).__name__}" + (" of mixed values" if isinstance(whole, dict) and whole else ""))
+    raise DataError(f"{path}: found {found}; qarm reads {'; '.join(JSON_LAYOUTS)}")
 
 
 def read_items(

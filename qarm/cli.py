@@ -65,6 +65,16 @@ def show_markdown(text: str) -> None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
 
+def _prepared_name(folder: Path) -> str:
+    """The dataset name recorded in a prepared folder's meta.json."""
+    try:
+        name = json.loads((folder / "meta.json").read_text(encoding="utf-8"))["name"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"--data {folder}: not a prepared dataset folder (no readable meta.json with a name); "
+                          "make one with qarm data prepare") from exc
+    return str(name)
+
+
 def _clean_failed_run(out: Path, created: bool) -> None:
     """After a failed ``qarm run``: a folder this run created and in which no stage finished is removed
     (nothing is left behind); one with finished stages is kept, since the next run resumes from them."""
@@ -141,6 +151,8 @@ def parse_overrides(config_file: Path | None, overrides: list[str] | None) -> tu
 def run(
     dataset: Annotated[str, typer.Option(help="Dataset name (see `qarm data list`).")] = "synthetic",
     source: Annotated[Path | None, typer.Option(help="Where the dataset's original files are.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Start from an already prepared dataset folder (`qarm data "
+                                              "prepare`): the prepare stage is skipped, the folder only read.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<dataset>).")] = None,
     fresh: Annotated[bool, typer.Option(help="Ignore the stage cache and run every stage.")] = False,
     config: Annotated[Path | None, typer.Option("--config", help="YAML with sections loader_options, prepare, "
@@ -160,10 +172,16 @@ def run(
                 options[key] = merge(options.get(key, {}), value)
             else:
                 options.setdefault("loader_options", {})[key] = value
+        if data is not None:
+            if source is not None:
+                raise ConfigError("--data (a prepared folder) and --source (original files) exclude each other")
+            dataset = _prepared_name(data)
+            options["data"] = str(data)
         options.update(dataset=dataset, source=str(source) if source else None)
         run_config = run_config_from_dict(options)
         out = out or Path("runs") / dataset
-        check_output_folder(out, {"source folder": _source_of(dataset, source)})
+        check_output_folder(out, {"source folder": _source_of(dataset, source) if data is None else None,
+                                  "--data folder": data})
     except QarmError as exc:
         _fail(exc)
     created = not out.exists()

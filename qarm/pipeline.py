@@ -37,9 +37,10 @@ from qarm.data import schema as S
 from qarm.data.describe import render_markdown
 from qarm.data.io import atomic_write_bytes, load_dataset, write_json
 from qarm.data.prepare import PrepareConfig, prepare
+from qarm.errors import DataError
 from qarm.evaluate.leakage import describe_with_probe
 from qarm.quantize.api import QuantizeConfig, RQConfig, quantize_items
-from qarm.serve.bundle import CURRENT_FILE, DEFAULT_ROW, current_version, export_bundle
+from qarm.serve.bundle import CURRENT_FILE, DEFAULT_ROW, RUN_INPUTS_FILE, current_version, export_bundle
 from qarm.train.ablation import ABLATION_FILE, AblationConfig, render_ablation, run_ablation
 from qarm.train.trainer import TrainConfig
 
@@ -76,6 +77,7 @@ class RunConfig:
     align: AlignStageConfig = field(default_factory=_default_align)
     quantize: QuantizeConfig = field(default_factory=_default_quantize)
     rank: AblationConfig = field(default_factory=_default_rank)
+    data: str | None = None  # an already prepared dataset folder: the prepare stage is skipped (qarm run --data)
 
 
 class _Stages:
@@ -104,6 +106,12 @@ class _Stages:
         atomic_write_bytes(self.out / STAGES_FILE, json.dumps(self.cache, indent=2).encode())
         self.state[name] = "ran"
 
+    def given(self, name: str, identity: dict[str, Any]) -> None:
+        """A stage whose output the user gave (``qarm run --data``): its identity keys the later stages."""
+        self.keys[name] = _key({"given": identity, "version": __version__})
+        self.state[name] = "given"
+        self.log(f"{name}: given ({identity.get('data')})")
+
 
 def run_pipeline(config: RunConfig, out: str | Path, *, fresh: bool = False, log: Log = print) -> dict[str, Any]:
     """Run every built stage for ``config`` into ``out``; return the report (also written to
@@ -113,10 +121,21 @@ def run_pipeline(config: RunConfig, out: str | Path, *, fresh: bool = False, log
     stages = _Stages(out, fresh, log)
     data_dir, align_dir, quantize_dir = out / "data", out / "align", out / "quantize"
 
-    stages.run("prepare", {"dataset": config.dataset, "source": config.source, "loader": config.loader_options,
-                           "prepare": config.prepare}, (), data_dir / S.META_FILE,
-               lambda: prepare(config.dataset, data_dir, source=config.source, loader_options=config.loader_options,
-                               config=config.prepare, overwrite=True))
+    if config.data is not None:  # a prepared folder: read, never written
+        data_dir = Path(config.data)
+        meta_path = data_dir / S.META_FILE
+        if not meta_path.is_file():
+            raise DataError(f"--data {data_dir}: not a prepared dataset folder (no {S.META_FILE}); make one with "
+                            "qarm data prepare")
+        stages.given("prepare", {"data": str(data_dir.resolve()),
+                                 "meta": hashlib.sha256(meta_path.read_bytes()).hexdigest()})
+        write_json(out / RUN_INPUTS_FILE, {"data": str(data_dir.resolve())})  # export finds the dataset here
+    else:
+        (out / RUN_INPUTS_FILE).unlink(missing_ok=True)
+        stages.run("prepare", {"dataset": config.dataset, "source": config.source, "loader": config.loader_options,
+                               "prepare": config.prepare}, (), data_dir / S.META_FILE,
+                   lambda: prepare(config.dataset, data_dir, source=config.source,
+                                   loader_options=config.loader_options, config=config.prepare, overwrite=True))
 
     start = time.perf_counter()
     dataset = load_dataset(data_dir)

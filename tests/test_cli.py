@@ -129,3 +129,23 @@ def test_quantize_and_inspect_a_dataset_with_vectors(tmp_path: Path):
     assert len(report["quality"]["rq"]["levels"]) == 3
     bad = invoke("quantize", str(tmp_path / "data"), "--out", str(tmp_path / "x"), "--set", "rq.levels=0")
     assert bad.exit_code == 2 and "The 'levels' parameter of ResidualKMeans must be an int >= 1. Got 0" in bad.output
+
+
+@pytest.mark.slow
+def test_run_from_a_prepared_folder_reads_it_and_never_writes_it(tmp_path: Path):
+    data = tmp_path / "prepared"
+    prepared = invoke("data", "prepare", "--dataset", "synthetic", "--out", str(data), *SMALL)
+    assert prepared.exit_code == 0, prepared.output
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    out = tmp_path / "run"
+    fast = FAST_RUN[len(SMALL):]  # the loader options went to the prepare
+    result = invoke("run", "--data", str(data), "--out", str(out), *fast)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"]["prepare"] == "given" and report["stages"]["rank"] == "ran"
+    assert not (out / "data").exists() and (out / "models" / "CURRENT").exists()
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
+    again = invoke("run", "--data", str(data), "--out", str(out), *fast)
+    assert "align: cached" in again.output and "rank: cached" in again.output
+    refused = invoke("run", "--data", str(data), "--source", str(data), "--out", str(out))
+    assert refused.exit_code == 2 and "exclude each other" in refused.output

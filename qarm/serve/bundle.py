@@ -100,7 +100,7 @@ def find_run(path: str | Path, *, row: str | None = None, seed: int | None = Non
                                for k in ("quantize_dir", "align_dir"))
             return RunFolders(path, Path(inputs["dataset_dir"]), quantize, align, None)
         out = path.parents[3] if len(path.parents) > 3 else path.parent
-        return RunFolders(path, out / "data", _optional(out / "quantize"), _optional(out / "align"), None)
+        return RunFolders(path, run_data_dir(out), _optional(out / "quantize"), _optional(out / "align"), None)
     ablation = path / "rank" / "ablation.json"
     if not ablation.exists():
         raise DataError(f"{path}: neither a `qarm run` folder (no rank/ablation.json) nor a ranking run "
@@ -118,7 +118,22 @@ def find_run(path: str | Path, *, row: str | None = None, seed: int | None = Non
     if seed not in seeds:
         raise ConfigError(f"{ablation}: row {row!r} was trained with seeds {seeds}, not {seed}")
     run = path / "rank" / "runs" / variants[row]["run_key"] / f"seed{seed}"
-    return RunFolders(run, path / "data", _optional(path / "quantize"), _optional(path / "align"), row)
+    return RunFolders(run, run_data_dir(path), _optional(path / "quantize"), _optional(path / "align"), row)
+
+
+RUN_INPUTS_FILE = "inputs.json"  # in a `qarm run` folder started from a prepared folder (qarm run --data)
+
+
+def run_data_dir(out: Path) -> Path:
+    """The dataset folder of a ``qarm run`` folder: ``<out>/data``, or the prepared folder it was started
+    from (``inputs.json``, written by ``qarm run --data``)."""
+    inputs = out / RUN_INPUTS_FILE
+    if inputs.exists():
+        try:
+            return Path(json.loads(inputs.read_text(encoding="utf-8"))["data"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(f"{inputs}: cannot read the run's inputs ({exc})") from exc
+    return out / "data"
 
 
 def _optional(folder: Path) -> Path | None:

@@ -66,6 +66,12 @@ def digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+def _fingerprint(path: Path) -> str:
+    if path.is_dir():
+        return digest(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "missing"
+
+
 def run(args: list[str], cwd: Path, timeout: float) -> tuple[int | None, str, float]:
     env = {**os.environ, "QARM_PROGRESS": "off", "HF_HUB_OFFLINE": "1", "COLUMNS": "100"}
     start = time.perf_counter()
@@ -200,7 +206,7 @@ def cases(scratch: Path) -> list[Case]:
         "replay": lambda o: ["replay", data, "--out", o],
         "export": lambda o: ["export", "inputs/run", "--to", o],
     }
-    targets = {"the input itself": None, "the input's parent": "inputs", "inside the input": None,
+    targets = {"the input itself": None, "the input's parent": None, "inside the input": None,
                "a file": "afile.txt", "under a file": "afile.txt/sub", "the current folder": "."}
     inputs_of = {"prepare --source": "shop", "align": data, "quantize": align, "train": data, "ablate": data,
                  "replay": data, "export": "inputs/run"}
@@ -210,6 +216,8 @@ def cases(scratch: Path) -> list[Case]:
                 target = inputs_of[stage]
             elif name == "inside the input":
                 target = inputs_of[stage] + "/sub"
+            elif name == "the input's parent":
+                target = str(Path(inputs_of[stage]).parent)
             out.append(Case("output folder", stage, name, make(str(target)), timeout=60))
     # -- stores ---------------------------------------------------------------------------------------
     refused = f"redis://127.0.0.1:{free_port()}/0"
@@ -258,7 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="qarm-hostile-") as tmp:
         scratch = Path(tmp)
         build_inputs(scratch)
-        protected = {p: digest(scratch / p) for p in ("inputs", "shop")}
+        fixtures = ("inputs", "shop", "afile.txt", "empty", "broken")
+        pristine = scratch.parent / f"{scratch.name}-pristine"
+        pristine.mkdir(exist_ok=True)
+        for p in fixtures:  # a copy to restore from after a case that changed a fixture
+            (shutil.copytree if (scratch / p).is_dir() else shutil.copy2)(scratch / p, pristine / p)
+        protected = {p: _fingerprint(scratch / p) for p in fixtures}
         silent, stop = silent_redis()
         rows = []
         all_cases = [c for c in cases(scratch) if args.only is None or c.group == args.only]
@@ -268,11 +281,16 @@ def main(argv: list[str] | None = None) -> int:
             argv_case = [silent if a == "SILENT" else a for a in case.args]
             code, output, seconds = run(argv_case, scratch, case.timeout)
             outcome = classify(case, code, output)
-            damaged = [p for p, d in protected.items() if digest(scratch / p) != d]
+            damaged = [p for p, d in protected.items() if _fingerprint(scratch / p) != d]
             if damaged:
                 outcome = "damaged input"
-                for p in damaged:  # restore for the next case
-                    protected[p] = digest(scratch / p)
+                for p in damaged:  # restore the fixture for the next case
+                    target = scratch / p
+                    if target.is_dir():
+                        shutil.rmtree(target)
+                    else:
+                        target.unlink(missing_ok=True)
+                    (shutil.copytree if (pristine / p).is_dir() else shutil.copy2)(pristine / p, target)
             errors = [line for line in output.splitlines() if "error:" in line]
             rows.append({"group": case.group, "stage": case.stage, "case": case.name, "args": argv_case,
                          "exit": code, "outcome": outcome, "seconds": round(seconds, 2),
@@ -282,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("o",):
                 shutil.rmtree(scratch / name, ignore_errors=True)
         stop.set()
+        shutil.rmtree(pristine, ignore_errors=True)
     counts = Counter(r["outcome"] for r in rows)
     by_stage: dict[str, Counter[str]] = {}
     for r in rows:

@@ -15,6 +15,8 @@ def check_output_folder(out: str | Path, inputs: dict[str, str | Path | None], *
     would mix with the input's). Checked before anything is written or deleted.
 
     ``inputs``: a name for the message (e.g. ``"dataset folder"``) -> the input path (None: not given)."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"{flag} {out} is a file, not a folder; choose a folder path for {flag}")
     target = Path(out).resolve()
     for name, given in inputs.items():
         if given is None:

@@ -201,3 +201,16 @@ def test_reports_piped_are_the_markdown_itself_never_cut(prepared: Path, capsys)
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert table, text
     assert "…" not in text  # rich cut numbers to fit 80 columns when output was piped
+
+
+@pytest.mark.parametrize("command", [["data", "prepare", "--dataset", "synthetic", "--overwrite"],
+                                     ["quantize", "{data}", "--overwrite"], ["train", "{data}", "--model", "id_only"],
+                                     ["align", "{data}"], ["export", "{data}"]])
+def test_an_out_that_is_a_file_is_refused_and_the_file_kept(prepared: Path, tmp_path: Path, capsys, command):
+    target = tmp_path / "notes.txt"
+    target.write_text("the user's notes")
+    args = [a.replace("{data}", str(prepared)) for a in command]
+    flag = "--to" if command[0] == "export" else "--out"
+    code, output = run_main(capsys, *args, flag, str(target))
+    assert code == 2 and "is a file, not a folder" in output and "Traceback" not in output, output
+    assert target.read_text() == "the user's notes" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

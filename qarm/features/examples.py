@@ -111,6 +111,7 @@ class ExampleSource:
             self.split[split == name] = code
         self.cold_item = _bool_column(inter, S.COLD_ITEM)
         sampled = _bool_column(inter, S.SAMPLED_NEGATIVE)
+        self.sampled_negative = sampled  # a drawn negative, not an event of the log
         self.training = dataset.training_mask()
         # History holds source positives: the primary task's label, never a sampled negative.
         self.history = HistoryIndex(self.user, self.item, self.time, self.seq,

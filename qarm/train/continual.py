@@ -424,8 +424,11 @@ def replay_seed(source: ExampleSource, tables: ItemTables, config: ReplayConfig,
     "strategies": {name: [{"day", "gauc", "auc", "logloss", "cold_gauc", "seconds"}, ...]}}``."""
     say = log or (lambda line: None)
     cut, days = replay_days(source, config)
+    # An item's birth is its first logged event; a sampled negative is no event (negatives are drawn from
+    # items that may appear in the log only later).
+    logged = ~source.sampled_negative
     first_time = np.full(source.spec.n_items, np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(first_time, source.item, source.time)
+    np.minimum.at(first_time, source.item[logged], source.time[logged])
     t = time.perf_counter()
     before = window_rows(source, None, cut)
     model, grown, opt = _fit(config, source, tables, before, config.initial_epochs, seed,

@@ -165,7 +165,7 @@ def test_rq_parameter_errors(data, params, message):
 def test_rq_needs_at_least_k_points_and_warns_below_39_per_centroid():
     x, _ = clustered(100, 8, 5)
     with pytest.raises(DataError, match="needs at least 256 training vectors for a codebook of 256 at level 1; "
-                                        "got 100. Use a smaller codebook_size"):
+                                        r"got 100. Use a smaller codebook \(--set rq.codebook_size=N"):
         ResidualKMeans(levels=2, codebook_size=256).fit(x)
     with pytest.warns(faiss_ops.SmallTrainingSetWarning, match="fewer than 39 points per centroid"):
         ResidualKMeans(levels=1, codebook_size=10).fit(x)

@@ -214,3 +214,12 @@ def test_an_out_that_is_a_file_is_refused_and_the_file_kept(prepared: Path, tmp_
     code, output = run_main(capsys, *args, flag, str(target))
     assert code == 2 and "is a file, not a folder" in output and "Traceback" not in output, output
     assert target.read_text() == "the user's notes" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_sqlite_store_under_a_file_names_the_file(tmp_path: Path):
+    from qarm.errors import ConfigError
+    from qarm.serve.store import open_live_store
+
+    (tmp_path / "afile.txt").write_text("x")
+    with pytest.raises(ConfigError, match=r"afile\.txt is a file, so no SQLite store can be made under it"):
+        open_live_store(tmp_path / "afile.txt" / "live.sqlite")

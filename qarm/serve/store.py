@@ -421,4 +421,8 @@ def open_live_store(target: str | Path, *, prefix: str | None = None) -> LiveSto
         return RedisLiveStore.from_url(text, **({"prefix": prefix} if prefix else {}))
     if text.startswith("sqlite:///"):
         text = text[len("sqlite:///"):]
+    blocker = next((p for p in Path(text).parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"--store {text}: {blocker} is a file, so no SQLite store can be made under it; give a path "
+                          "in a folder, or redis://host:port/db")
     return SQLiteLiveStore(text)

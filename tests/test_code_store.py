@@ -264,3 +264,25 @@ def test_redis_refuses_decoding_clients(redis_url: str):
 
     with pytest.raises(ConfigError, match="decode_responses=False"):
         RedisCodeStore(redis.Redis.from_url(redis_url, decode_responses=True))
+
+
+def test_redis_upsert_removes_old_orphan_generations_and_keeps_a_concurrent_writers(redis_url: str):
+    import time
+
+    import redis
+
+    prefix = "test:orphans"
+    s = RedisCodeStore.from_url(redis_url, prefix=prefix)
+    ids, codes = example()
+    s.put("v1", ids, codes)
+    client = redis.Redis.from_url(redis_url)
+    client.hset(f"{prefix}:gen:deadbeef:rq", "1", b"x")  # a killed write of an older qarm: no birth time
+    client.hset(f"{prefix}:gen:{int(time.time()) - 7200}-aa:rq", "1", b"x")  # killed two hours ago
+    young = f"{prefix}:gen:{int(time.time())}-bb:rq"  # a concurrent writer filling its generation now
+    client.hset(young, "1", b"x")
+    s.put("v1", ids[:3], {name: value[:3] for name, value in codes.items()})  # same version: an upsert
+    keys = {k.decode() for k in client.scan_iter(match=f"{prefix}:gen:*")}
+    assert young in keys and not any("deadbeef" in k or "-aa:" in k for k in keys), keys
+    assert np.array_equal(s.get(ids, "rq"), codes["rq"])
+    s.close()
+    client.close()

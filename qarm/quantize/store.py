@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -40,6 +41,7 @@ import numpy as np
 from qarm.errors import ConfigError, DataError, QarmError
 
 STORE_FORMAT = "qarm.codes/1"
+ORPHAN_GENERATION_AFTER_S = 3600.0  # an unreferenced Redis generation this old is a killed write's leftover
 REDIS_TIMEOUT_S = 10.0  # connect and per-command socket timeout of the Redis stores
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
@@ -464,10 +466,11 @@ class RedisCodeStore(CodeStore):
                 except redis.WatchError as exc:
                     raise QarmError(f"{self.describe()}: another writer changed the store during this put; "
                                     "retry it") from exc
+                self._delete_other_generations(str(gen), older_than=ORPHAN_GENERATION_AFTER_S)
                 return
             pipe.unwatch()
         # A new version: fill a fresh generation (invisible to readers), then swap the head.
-        new_gen = uuid.uuid4().hex
+        new_gen = f"{int(time.time())}-{uuid.uuid4().hex}"  # its birth time: orphans can be aged
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 for name in sorted(arrays):
@@ -507,9 +510,22 @@ class RedisCodeStore(CodeStore):
         if keys:
             self.client.unlink(*keys)
 
-    def _delete_other_generations(self, keep: str) -> None:
+    def _delete_other_generations(self, keep: str, older_than: float | None = None) -> None:
+        """Delete every generation but ``keep``; with ``older_than`` only those born that many seconds ago
+        or more (a generation without a birth time counts as old), so that a concurrent writer's generation
+        being filled is never deleted by an upsert."""
+        now = time.time()
+
+        def stale_gen(gen: str) -> bool:
+            if gen == keep:
+                return False
+            if older_than is None:
+                return True
+            born = gen.split("-", 1)[0]
+            return not born.isdigit() or now - int(born) >= older_than
+
         stale = [k for k in self.client.scan_iter(match=f"{self.prefix}:gen:*", count=1000)
-                 if k.decode().split(":gen:", 1)[1].split(":", 1)[0] != keep]
+                 if stale_gen(k.decode().split(":gen:", 1)[1].split(":", 1)[0])]
         for start in range(0, len(stale), 1000):
             self.client.unlink(*stale[start:start + 1000])
 

@@ -66,11 +66,11 @@ from qarm.config import from_dict, to_dict
 from qarm.data.io import atomic_write_bytes
 from qarm.data.schema import Dataset
 from qarm.determinism import deterministic
-from qarm.encode._progress import progress_bar
 from qarm.encode.cache import VectorCache, digest_arrays
 from qarm.encode.content import ContentEncoder, ContentEncoderConfig, ItemInputs, encode_items, save_encoder
 from qarm.encode.frozen import FrozenTextStates, build_text_states
 from qarm.errors import CheckpointMismatch, ConfigError, DataError, QarmError
+from qarm.progress import progress_bar
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer

@@ -78,7 +78,6 @@ from torch.nn import functional as F
 from qarm.config import from_dict, to_dict
 from qarm.data.io import atomic_write_bytes
 from qarm.data.schema import Dataset
-from qarm.encode._progress import progress_bar
 from qarm.encode.cache import VectorCache, digest_arrays, digest_module, digest_texts
 from qarm.encode.frozen import (
     FrozenTextStates,
@@ -100,6 +99,7 @@ from qarm.encode.text import (
     tokenize,
 )
 from qarm.errors import ConfigError, DataError, QarmError
+from qarm.progress import progress_bar
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer

@@ -37,10 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from qarm.encode._progress import progress_bar
 from qarm.encode.cache import digest_module, digest_texts
 from qarm.encode.text import max_seq_length, text_dimension, tokenize
 from qarm.errors import ConfigError, QarmError
+from qarm.progress import progress_bar
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer

@@ -24,8 +24,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from qarm.encode._progress import progress_bar
 from qarm.errors import ConfigError, DataError
+from qarm.progress import progress_bar
 
 Pooling = Literal["cls", "mean", "pooler"]
 POOLINGS = ("cls", "mean", "pooler")

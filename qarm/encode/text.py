@@ -30,9 +30,9 @@ import pandas as pd
 import torch
 
 from qarm.data.schema import Dataset
-from qarm.encode._progress import progress_bar
 from qarm.encode.cache import VectorCache, digest_module, digest_texts
 from qarm.errors import ConfigError
+from qarm.progress import progress_bar
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer

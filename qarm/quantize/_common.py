@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
 
@@ -77,12 +76,3 @@ def content_hash(prefix: str, config: dict[str, Any], arrays: Sequence[np.ndarra
         h.update(f"{arr.dtype.str}{arr.shape}".encode())
         h.update(arr.data.cast("B"))
     return f"{prefix}-{h.hexdigest()[:16]}"
-
-
-@contextmanager
-def progress_bar(total: int, description: str, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``: :func:`qarm.progress.progress_bar` (a bar on a terminal, log lines without one)."""
-    from qarm.progress import progress_bar as shared
-
-    with shared(total, description, enabled) as advance:
-        yield lambda n: advance(n)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from qarm.errors import ConfigError, DataError, QarmError
+from qarm.progress import progress_bar
 from qarm.quantize import faiss_ops
 from qarm.quantize._common import (
     bad_param,
@@ -36,7 +37,6 @@ from qarm.quantize._common import (
     check_int,
     content_hash,
     is_int,
-    progress_bar,
 )
 from qarm.quantize._safetensors import read_safetensors, write_safetensors
 

@@ -23,6 +23,7 @@ from typing import Any, Literal, overload
 import numpy as np
 
 from qarm.errors import DataError, QarmError
+from qarm.progress import progress_bar
 from qarm.quantize import faiss_ops
 from qarm.quantize._common import (
     as_item_ids,
@@ -30,7 +31,6 @@ from qarm.quantize._common import (
     check_int,
     check_option,
     content_hash,
-    progress_bar,
 )
 from qarm.quantize._safetensors import read_safetensors, write_safetensors
 from qarm.quantize.rq import NotFittedError

@@ -52,7 +52,6 @@ from torch import nn
 from qarm.config import from_dict, to_dict
 from qarm.data.io import atomic_write_bytes, write_json
 from qarm.determinism import deterministic
-from qarm.encode._progress import progress_bar
 from qarm.errors import CheckpointMismatch, ConfigError, QarmError
 from qarm.evaluate import metrics as M
 from qarm.features.batch import RankingBatch
@@ -60,6 +59,7 @@ from qarm.features.examples import ExampleSource
 from qarm.models import describe_model
 from qarm.models.layers import required
 from qarm.precision import PRECISIONS, Precision, autocast
+from qarm.progress import progress_bar
 from qarm.quantize._common import check_float, check_int, check_option
 
 CHECKPOINT_FILE = "checkpoint.safetensors"

@@ -39,8 +39,13 @@ ConfigOption = Annotated[
 ]
 
 
+def _error_line(message: str) -> None:
+    """``error: <message>`` on stderr, the message printed as it is (never read as rich markup)."""
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
+
+
 def _fail(exc: Exception) -> NoReturn:
-    console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
+    _error_line(str(exc))
     raise typer.Exit(code=2)
 
 
@@ -612,13 +617,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="qarm")
     except KeyboardInterrupt:
-        console.print("[bold red]error:[/] interrupted", highlight=False, markup=True)
+        _error_line("interrupted")
         sys.exit(130)
     except Exception as exc:
         message = _known_failure(exc)
         if message is None:
             raise
-        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
+        _error_line(message)
         sys.exit(2)
 
 

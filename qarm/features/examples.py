@@ -16,6 +16,7 @@ epoch by skipping batches instead of saving a permutation.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +99,7 @@ class ExampleSource:
             raise DataError(f"interactions lack the columns {missing}", file=S.INTERACTIONS_FILE)
 
         self.meta = dataset.meta
-        self.catalogue = dataset.catalogue_digest()  # refuses codes and vectors of another catalogue
+        self._catalogue_digest = dataset.catalogue_digest  # computed only when a folder records a digest
         self.history_length = history_length
         self.user = inter[S.USER_ID].to_numpy(dtype=np.int64)
         self.item = inter[S.ITEM_ID].to_numpy(dtype=np.int64)
@@ -158,6 +159,12 @@ class ExampleSource:
         if split not in SPLIT_NAMES:
             raise ConfigError(f"unknown split {split!r}; available: {list(SPLIT_NAMES)}")
         return np.flatnonzero(self.split == SPLIT_NAMES.index(split))
+
+    @functools.cached_property
+    def catalogue(self) -> str:
+        """The dataset's :meth:`~qarm.data.schema.Dataset.catalogue_digest`: codes and vectors made for another
+        catalogue are refused (:meth:`qarm.features.ItemTables.build`)."""
+        return self._catalogue_digest()
 
     def view(self, train: np.ndarray, valid: np.ndarray | None = None, *,
              window: dict[str, Any] | None = None) -> ExampleSource:

@@ -120,13 +120,12 @@ class ItemTables:
         id_index[vocab] = np.arange(1, len(vocab) + 1)
         tables = cls(id_index=id_index)
         if quantize_dir is not None:
-            _check_catalogue(Path(quantize_dir) / QUANTIZE_META, ("inputs", "catalogue"), source.catalogue, "--codes")
+            _check_catalogue(Path(quantize_dir) / QUANTIZE_META, ("inputs", "catalogue"), source, "--codes")
             tables.vq, tables.rq, tables.rq_sizes, tables.codes_version = _read_codes(Path(quantize_dir), n)
         if align_dir is not None:
             from qarm.align.contrastive import read_alignment  # the align stage's torch/encoder imports
 
-            _check_catalogue(Path(align_dir) / "align_report.json", ("dataset", "catalogue"), source.catalogue,
-                             "--vectors")
+            _check_catalogue(Path(align_dir) / "align_report.json", ("dataset", "catalogue"), source, "--vectors")
             aligned, _ = read_alignment(align_dir)
             tables.vectors.update(aligned)
         tables.vectors.update(vectors or {})
@@ -168,7 +167,7 @@ class ItemTables:
         return h.hexdigest()[:16]
 
 
-def _check_catalogue(report: Path, keys: tuple[str, str], catalogue: str, flag: str) -> None:
+def _check_catalogue(report: Path, keys: tuple[str, str], source: ExampleSource, flag: str) -> None:
     """Refuse a folder made for another item catalogue (its report records the catalogue digest; folders
     written before the digest was recorded are accepted on their item count, as before)."""
     if not report.exists():
@@ -177,8 +176,8 @@ def _check_catalogue(report: Path, keys: tuple[str, str], catalogue: str, flag: 
         recorded = (json.loads(report.read_text(encoding="utf-8")).get(keys[0]) or {}).get(keys[1])
     except (OSError, ValueError) as exc:
         raise DataError(f"{report}: cannot read it ({exc})") from exc
-    if recorded is not None and recorded != catalogue:
-        raise DataError(f"{report.parent} was made for item catalogue {recorded}, the dataset is {catalogue}: codes "
+    if recorded is not None and recorded != source.catalogue:
+        raise DataError(f"{report.parent} was made for item catalogue {recorded}, the dataset is {source.catalogue}: codes "
                         f"and vectors of one catalogue mean nothing to another; pass the {flag} folder made from this "
                         "dataset (or make one: qarm align / qarm quantize)")
 

@@ -71,6 +71,17 @@ def window_rows(source: ExampleSource, start: int | None, end: int | None) -> np
     return np.flatnonzero(keep)
 
 
+def with_older_rows(source: ExampleSource, rows: np.ndarray, start: int | None, fraction: float,
+                    rng: np.random.Generator) -> np.ndarray:
+    """``rows`` plus ``fraction`` x as many rows from before ``start`` (drawn without replacement by ``rng``),
+    ascending: the replay that keeps an update from forgetting what its window does not show."""
+    if fraction <= 0:
+        return rows
+    older = window_rows(source, None, start) if start is not None else np.zeros(0, dtype=np.int64)
+    k = min(len(older), int(round(fraction * len(rows))))
+    return np.sort(np.concatenate([rows, rng.choice(older, size=k, replace=False)]))
+
+
 def parse_window(text: str) -> tuple[int | None, int | None]:
     """``"START:END"`` in the log's time unit (integers; either side may be empty) -> ``(start, end)``."""
     if not isinstance(text, str) or text.count(":") != 1:
@@ -278,12 +289,7 @@ def train_warm_start(dataset_dir: str | Path, out_dir: str | Path, last: str | P
     if not len(rows):
         raise DataError(f"--window {start}:{end} holds no events (the log spans {int(source.time.min())}.."
                         f"{int(source.time.max())})")
-    train_rows = rows
-    if replay_fraction > 0:
-        older = window_rows(source, None, start) if start is not None else np.zeros(0, dtype=np.int64)
-        k = min(len(older), int(round(replay_fraction * len(rows))))
-        picked = np.random.default_rng([config.seed, 7]).choice(older, size=k, replace=False)
-        train_rows = np.sort(np.concatenate([rows, picked]))
+    train_rows = with_older_rows(source, rows, start, replay_fraction, np.random.default_rng([config.seed, 7]))
     grown = warm_start(ranking.model, ranking.model_config, source, tables, previous.state, old_index, rows,
                        optimizer_state=previous.optimizer_state, seed=config.seed)
     say(f"warm start: {ranking.model} from {previous.where}, {grown.new_items:,} new ID rows, "
@@ -454,11 +460,7 @@ def replay_seed(source: ExampleSource, tables: ItemTables, config: ReplayConfig,
             record = {"day": d, **_day_metrics(m, source, rows, born, batch_size=8192)}
             t = time.perf_counter()
             if s == "incremental":
-                train_rows = rows
-                if config.replay_fraction > 0:
-                    older = window_rows(source, None, lo)
-                    k = min(len(older), int(round(config.replay_fraction * len(rows))))
-                    train_rows = np.sort(np.concatenate([rows, rng.choice(older, size=k, replace=False)]))
+                train_rows = with_older_rows(source, rows, lo, config.replay_fraction, rng)
                 ws = warm_start(config.model, config.model_config, source, g, st, g.id_index, rows,
                                 optimizer_state=o, seed=seed + d)
                 m, g, o = _fit(config, source, g, train_rows, config.incremental_epochs, seed + d, start=ws,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import fields, replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,10 +23,13 @@ from qarm.models.layers import (
     MMoE,
     MMoEConfig,
     RQEmbedding,
+    SparseBlocks,
     TargetAttention,
     VQEmbedding,
     bag_sum,
     embed_unique,
+    gather_rows,
+    linear_with_blocks,
     pack,
 )
 from qarm.quantize.api import QuantizeConfig, RQConfig, VQConfig, quantize_items
@@ -155,6 +159,83 @@ def test_code_matching_pools_the_matched_items():
     torch.testing.assert_close(out[0, 0], level1[0])
     torch.testing.assert_close(out[0, 1], level2[0])
     assert torch.equal(out[1], torch.zeros(2, 3))
+
+
+def test_code_matching_blocks_hold_only_the_non_empty_sequences():
+    torch.manual_seed(0)
+    layer = CodeMatchingSequences(dim=3, length=4, attention_hidden=(5,))
+    target, history = torch.randn(3, 3), torch.randn(4, 3)
+    row = torch.tensor([0, 0, 2, 2])  # row 1 has no history
+    codes_t = torch.tensor([[1, 1], [1, 1], [2, 0]])
+    codes_h = torch.tensor([[1, 1], [0, 1], [2, 1], [3, 0]])
+    blocks = layer.pooled_blocks(target, history, row, codes_t, codes_h, start=7)
+    # (row 0, level 0), (row 0, level 1) and (row 2, level 0) are filled; nothing else.
+    assert sorted(zip(blocks.row.tolist(), blocks.block.tolist())) == [(0, 0), (0, 1), (2, 0)]
+    assert (blocks.start, blocks.width, blocks.n_blocks, blocks.stop) == (7, 3, 2, 13)
+    torch.testing.assert_close(blocks.to_dense(3).view(3, 2, 3), layer(target, history, row, codes_t, codes_h))
+
+
+@pytest.mark.parametrize("start, bias", [(0, True), (3, True), (5, False), (11, True)])
+def test_linear_with_blocks_equals_the_dense_layer_on_the_assembled_input(start, bias):
+    """Forward and every gradient (weight, bias, dense columns, block values) against ``nn.Linear`` on the
+    dense input with the blocks written in, zeros elsewhere; blocks at the front, middle and end."""
+    torch.manual_seed(0)
+    width, n_blocks, n_rows = 2, 3, 5
+    in_dim = 11 + n_blocks * width
+    layer = torch.nn.Linear(in_dim, 4, bias=bias).double()
+    dense = torch.randn(n_rows, in_dim - n_blocks * width, dtype=torch.float64, requires_grad=True)
+    row, block = torch.tensor([0, 0, 3, 4, 4]), torch.tensor([2, 0, 1, 1, 2])
+    values = torch.randn(5, width, dtype=torch.float64, requires_grad=True)
+    blocks = SparseBlocks(start=start, width=width, n_blocks=n_blocks, row=row, block=block, values=values)
+    upstream = torch.randn(n_rows, 4, dtype=torch.float64)
+    (linear_with_blocks(layer, dense, blocks) * upstream).sum().backward()
+    got = [layer.weight.grad.clone(), dense.grad.clone(), values.grad.clone()]
+    got += [layer.bias.grad.clone()] if bias else []
+    for t in [layer.weight, dense, values] + ([layer.bias] if bias else []):
+        t.grad = None
+    full = torch.cat([dense[:, :start], blocks.to_dense(n_rows), dense[:, start:]], dim=1)
+    assert full[1, start:start + n_blocks * width].abs().sum() == 0  # row 1 has no entry
+    torch.testing.assert_close(linear_with_blocks(layer, dense, blocks), layer(full))
+    (layer(full) * upstream).sum().backward()
+    want = [layer.weight.grad, dense.grad, values.grad] + ([layer.bias.grad] if bias else [])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_linear_with_blocks_gradcheck():
+    torch.manual_seed(1)
+    weight = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    dense = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    row, block = torch.tensor([1, 1, 3]), torch.tensor([0, 1, 1])
+
+    def f(w: torch.Tensor, b: torch.Tensor, d: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        layer = SimpleNamespace(weight=w, bias=b)  # what linear_with_blocks reads of an nn.Linear
+        return linear_with_blocks(layer, d,  # type: ignore[arg-type]
+                                   SparseBlocks(start=2, width=2, n_blocks=2, row=row, block=block, values=v))
+
+    assert torch.autograd.gradcheck(f, (weight, bias, dense, values))
+
+
+def test_mmoe_with_blocks_equals_mmoe_on_the_dense_input():
+    torch.manual_seed(0)
+    head = MMoE(10, 2, MMoEConfig(n_experts=3, expert_hidden=(6, 5), tower_hidden=(4,)))
+    dense = torch.randn(6, 6)
+    blocks = SparseBlocks(start=4, width=2, n_blocks=2, row=torch.tensor([1, 5]), block=torch.tensor([1, 0]),
+                          values=torch.randn(2, 2))
+    full = torch.cat([dense[:, :4], blocks.to_dense(6), dense[:, 4:]], dim=1)
+    torch.testing.assert_close(head(dense, blocks), head(full))
+
+
+def test_gather_rows_equals_advanced_indexing():
+    table = torch.randn(7, 3, requires_grad=True)
+    index = torch.tensor([[6, 0], [0, 2]])
+    out = gather_rows(table, index)
+    assert out.shape == (2, 2, 3)
+    torch.testing.assert_close(out, table[index])
+    out.sum().backward()
+    assert table.grad is not None and table.grad[0].tolist() == [2.0, 2.0, 2.0] and table.grad[1].abs().sum() == 0
 
 
 def test_id_embedding_maps_oov_items_to_row_zero():

@@ -40,6 +40,13 @@ def _buffer(values: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tens
                            dtype=dtype).contiguous()
 
 
+def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for an int64 ``index`` of any shape, by ``index_select``: on CPU two to five times
+    faster than advanced indexing forward, and its backward is an ``index_add`` instead of an
+    accumulating ``index_put``. Output ``(*index.shape, *table.shape[1:])``."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
+
+
 def embedding_table(rows: int, dim: int, padding_idx: int | None = None) -> nn.Embedding:
     """An embedding table initialised N(0, EMBEDDING_STD), its padding row (if any) zero."""
     table = nn.Embedding(rows, dim, padding_idx=padding_idx)
@@ -118,8 +125,8 @@ class TargetAttention(nn.Module):
         -------
         float (P, 1), unnormalised.
         """
-        q = query[row]  # (P, D)
-        hidden = torch.relu(self.key(keys) + self.query(query)[row] + self.product(keys * q))  # (P, H)
+        q = gather_rows(query, row)  # (P, D)
+        hidden = torch.relu(self.key(keys) + gather_rows(self.query(query), row) + self.product(keys * q))  # (P, H)
         return self.score(hidden)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
@@ -133,6 +140,109 @@ def pack(mask: torch.Tensor) -> torch.Tensor:
     int64 ``(P,)``, in row-major order (the order of ``x[mask]``), so ``x[mask]`` with these rows is
     the packed (jagged) form of ``x``."""
     return mask.nonzero()[:, 0]
+
+
+@dataclass
+class SparseBlocks:
+    """Column blocks of a layer's input that are zero in most rows, held as their non-zero entries.
+
+    The full input would be ``(B, in_dim)``, with ``n_blocks`` blocks of ``width`` columns from column
+    ``start`` on (block ``j``: columns ``start + j * width`` to ``start + (j + 1) * width``); entry ``q``
+    puts ``values[q]`` at row ``row[q]``, block ``block[q]``; every other block cell is zero. QARM's
+    code-matching sequences are such blocks: most targets share their first ``l`` RQ codes with no
+    history item for all but the coarsest levels (MicroLens-50k: 87 of 6,144 (example, level) cells
+    filled in a batch of 1,024), so a dense layer would multiply mostly zeros.
+    """
+
+    start: int
+    width: int
+    n_blocks: int
+    row: torch.Tensor  # int64 (Q,)
+    block: torch.Tensor  # int64 (Q,)
+    values: torch.Tensor  # float (Q, width)
+
+    @property
+    def stop(self) -> int:
+        """The first column after the blocks."""
+        return self.start + self.n_blocks * self.width
+
+    def to_dense(self, n_rows: int) -> torch.Tensor:
+        """The blocks as the dense ``(n_rows, n_blocks * width)`` columns they stand for."""
+        dense = self.values.new_zeros(n_rows * self.n_blocks, self.width)
+        dense = dense.index_add(0, self.row * self.n_blocks + self.block, self.values)
+        return dense.view(n_rows, self.n_blocks * self.width)
+
+
+def linear_with_blocks(layer: nn.Linear, dense: torch.Tensor, blocks: SparseBlocks | None) -> torch.Tensor:
+    """``layer(x)`` for the input ``x`` whose columns ``blocks.start:blocks.stop`` are ``blocks`` and whose
+    other columns are ``dense`` (in order, ``(B, in_dim - n_blocks * width)``).
+
+    The same function as the dense layer on the assembled input (up to float summation order), at the
+    cost of the dense columns plus the filled entries: the zero cells are never multiplied, forward or
+    backward (see :class:`_LinearWithBlocks`).
+    """
+    if blocks is None:
+        return layer(dense)
+    bias = layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.weight.shape[0])
+    out: torch.Tensor = _LinearWithBlocks.apply(layer.weight, bias, dense, blocks.values, blocks.row, blocks.block,
+                                                blocks.start, blocks.n_blocks)
+    return out
+
+
+class _LinearWithBlocks(torch.autograd.Function):
+    """``x @ weight.T + bias`` for ``x`` = ``dense`` with sparse column blocks inserted (see
+    :func:`linear_with_blocks`).
+
+    Written as one function rather than as slices of ``weight`` because autograd's slice backward
+    allocates a zero tensor of the whole weight per slice (seven per layer here, more than the
+    products cost); this backward writes each part of the weight's gradient once.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, bias: torch.Tensor, dense: torch.Tensor, values: torch.Tensor,
+                row: torch.Tensor, block: torch.Tensor, start: int, n_blocks: int) -> torch.Tensor:
+        ctx.dtypes = (weight.dtype, bias.dtype, dense.dtype, values.dtype)
+        device = dense.device.type
+        if torch.is_autocast_enabled(device):  # compute as autocast would, and keep that type for backward
+            dtype = torch.get_autocast_dtype(device)
+            weight, bias, dense, values = (t.to(dtype) for t in (weight, bias, dense, values))
+        width = values.shape[1]
+        stop = start + n_blocks * width
+        out = torch.addmm(bias, dense[:, :start], weight[:, :start].t())
+        if stop < weight.shape[1]:
+            out.addmm_(dense[:, start:], weight[:, stop:].t())
+        chosen = [(block == j).nonzero().squeeze(1) for j in range(n_blocks)]
+        for j, entries in enumerate(chosen):
+            if len(entries):
+                columns = weight[:, start + j * width:start + (j + 1) * width]
+                out.index_add_(0, gather_rows(row, entries), gather_rows(values, entries) @ columns.t())
+        ctx.save_for_backward(weight, dense, values, row)
+        ctx.layout = (start, n_blocks, width, chosen)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        weight, dense, values, row = ctx.saved_tensors
+        start, n_blocks, width, chosen = ctx.layout
+        stop = start + n_blocks * width
+        grad = grads[0].contiguous().to(weight.dtype)  # (B, O)
+        grad_weight = torch.zeros_like(weight)
+        grad_weight[:, :start] = grad.t() @ dense[:, :start]
+        grad_dense = torch.empty_like(dense)
+        grad_dense[:, :start] = grad @ weight[:, :start]
+        if stop < weight.shape[1]:
+            grad_weight[:, stop:] = grad.t() @ dense[:, start:]
+            grad_dense[:, start:] = grad @ weight[:, stop:]
+        grad_values = torch.zeros_like(values)
+        for j, entries in enumerate(chosen):
+            if len(entries):
+                columns = slice(start + j * width, start + (j + 1) * width)
+                entry_grad = gather_rows(grad, gather_rows(row, entries))  # (Q_j, O)
+                grad_weight[:, columns] = entry_grad.t() @ gather_rows(values, entries)
+                grad_values.index_copy_(0, entries, entry_grad @ weight[:, columns])
+        grad_weight, grad_bias, grad_dense, grad_values = (
+            g.to(dtype) for g, dtype in zip((grad_weight, grad.sum(0), grad_dense, grad_values), ctx.dtypes))
+        return grad_weight, grad_bias, grad_dense, grad_values, None, None, None, None
 
 
 @dataclass
@@ -193,9 +303,10 @@ class MMoE(nn.Module):
         self.towers = nn.ModuleList(MLP(width, config.tower_hidden, out_dim=1, dropout=config.dropout)
                                     for _ in range(n_tasks))
 
-    def experts(self, x: torch.Tensor) -> torch.Tensor:
-        """Every expert's output: ``(B, E, H)``."""
-        h = self.dropout(torch.relu(self.expert_in(x))).view(-1, self.n_experts, self.hidden[0])  # (B, E, H0)
+    def experts(self, x: torch.Tensor, blocks: SparseBlocks | None = None) -> torch.Tensor:
+        """Every expert's output: ``(B, E, H)`` (``x`` and ``blocks`` as in :meth:`forward`)."""
+        first = linear_with_blocks(self.expert_in, x, blocks)
+        h = self.dropout(torch.relu(first)).view(-1, self.n_experts, self.hidden[0])  # (B, E, H0)
         if len(self.expert_weights):
             h = h.transpose(0, 1)  # (E, B, H)
             for weight, bias in zip(self.expert_weights, self.expert_biases):
@@ -203,9 +314,11 @@ class MMoE(nn.Module):
             h = h.transpose(0, 1)
         return h
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        experts = self.experts(x)  # (B, E, H)
-        gates = self.gates(x).view(-1, self.n_tasks, self.n_experts).softmax(dim=-1)  # (B, T, E)
+    def forward(self, x: torch.Tensor, blocks: SparseBlocks | None = None) -> torch.Tensor:
+        """Logits ``(B, T)`` of the input ``x`` ``(B, in_dim)``; or, with ``blocks``, of the input whose
+        sparse column blocks are ``blocks`` and whose other columns are ``x`` (see :class:`SparseBlocks`)."""
+        experts = self.experts(x, blocks)  # (B, E, H)
+        gates = linear_with_blocks(self.gates, x, blocks).view(-1, self.n_tasks, self.n_experts).softmax(dim=-1)
         mixed = torch.bmm(gates, experts)  # (B, T, H)
         return torch.cat([tower(mixed[:, t]) for t, tower in enumerate(self.towers)], dim=1)  # (B, T)
 
@@ -230,7 +343,7 @@ class IdEmbedding(nn.Module):
         self.table = embedding_table(int(self.index.max()) + 1 if len(self.index) else 1, dim)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
-        return self.table(self.index[items])
+        return self.table(gather_rows(self.index, items))
 
 
 class _BagSum(torch.autograd.Function):
@@ -253,7 +366,7 @@ class _BagSum(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         index, per_sample_weights = ctx.saved_tensors
         grad = grads[0].contiguous()  # (N, D)
-        flat = index.reshape(-1)
+        flat = index.reshape(-1).to(torch.int32)  # row ids fit; int32 sorts twice as fast as int64 on CPU
         rows, order = torch.sort(flat, stable=True)
         unique, counts = torch.unique_consecutive(rows, return_counts=True)
         offsets = torch.zeros_like(counts)
@@ -261,7 +374,7 @@ class _BagSum(torch.autograd.Function):
         reads = F.embedding_bag(torch.div(order, index.shape[1], rounding_mode="floor"), grad, offsets,
                                 mode="sum", per_sample_weights=per_sample_weights.reshape(-1)[order])
         grad_weight = grad.new_zeros(ctx.weight_shape)
-        grad_weight[unique] = reads
+        grad_weight.index_copy_(0, unique.to(torch.int64), reads)
         return grad_weight, None, None
 
 
@@ -314,7 +427,7 @@ class VQEmbedding(nn.Module):
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         flat = items.reshape(-1)
-        pooled = bag_sum(self.table.weight, self.codes[flat], self.mean_weights[flat])
+        pooled = bag_sum(self.table.weight, gather_rows(self.codes, flat), gather_rows(self.mean_weights, flat))
         return pooled.view(*items.shape, -1)
 
 
@@ -348,7 +461,7 @@ class RQEmbedding(nn.Module):
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         flat = items.reshape(-1)
-        pooled = F.embedding_bag(self.flat_codes[flat], self.table.weight, mode="sum")
+        pooled = F.embedding_bag(gather_rows(self.flat_codes, flat), self.table.weight, mode="sum")
         return pooled.view(*items.shape, -1)
 
 
@@ -372,7 +485,7 @@ class FrozenVector(nn.Module):
         self.project = nn.Linear(self.vectors.shape[1], dim)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
-        return self.project(self.vectors[items])
+        return self.project(gather_rows(self.vectors, items))
 
 
 class CategoricalEmbeddings(nn.Module):
@@ -460,7 +573,7 @@ class CodeMatchingSequences(nn.Module):
         level : int64 (Q,), ... the sequence of this level (0-based: level ``l`` shares ``l + 1`` codes);
             per (row, level) the latest ``m`` matching slots, most recent first.
         """
-        prefix_equal = (history_codes == target_codes[row]).to(torch.int8).cummin(dim=-1).values.bool()  # (P, L)
+        prefix_equal = (history_codes == gather_rows(target_codes, row)).to(torch.int8).cummin(dim=-1).values.bool()  # (P, L)
         # Rank of each match within its (row, level), counted from the row's most recent slot.
         seen = prefix_equal.to(torch.int32).cumsum(dim=0)  # (P, L), matches up to and including the slot
         first = torch.ones_like(row, dtype=torch.bool)
@@ -473,7 +586,16 @@ class CodeMatchingSequences(nn.Module):
 
     def forward(self, target: torch.Tensor, history: torch.Tensor, row: torch.Tensor,
                 target_codes: torch.Tensor, history_codes: torch.Tensor) -> torch.Tensor:
-        """Pooled sequences.
+        """Pooled sequences, dense: float (B, L, D), zeros where a level's sequence is empty (arguments as
+        in :meth:`pooled_blocks`)."""
+        b, levels = target_codes.shape
+        return self.pooled_blocks(target, history, row, target_codes, history_codes).to_dense(b).view(b, levels, -1)
+
+    def pooled_blocks(self, target: torch.Tensor, history: torch.Tensor, row: torch.Tensor,
+                      target_codes: torch.Tensor, history_codes: torch.Tensor, start: int = 0) -> SparseBlocks:
+        """Pooled sequences, the non-empty ones only: block ``l`` of row ``b`` is level ``l``'s sequence
+        of example ``b`` pooled by attention to its target (the blocks start at column ``start`` of the
+        input they will join).
 
         Parameters
         ----------
@@ -485,18 +607,19 @@ class CodeMatchingSequences(nn.Module):
 
         Returns
         -------
-        float (B, L, D): level l's sequence pooled by attention to the target (zeros when empty).
+        SparseBlocks of L blocks of width D: one entry per non-empty (example, level) sequence.
         """
-        b, levels = target_codes.shape
+        levels = target_codes.shape[1]
         slot, level = self.matches(target_codes, history_codes, row, self.length)
         # A slot's weight depends on (target, slot) only, not on the level: weigh each slot once, however
         # many levels it enters (``slot`` is sorted, so its repeats are consecutive).
         unique, inverse = torch.unique_consecutive(slot, return_inverse=True)  # (U,), (Q,)
-        keys, example = history[unique], row[unique]  # (U, D), (U,)
+        keys, example = gather_rows(history, unique), gather_rows(row, unique)  # (U, D), (U,)
         weighted = self.attention.weights(target, keys, example) * keys  # (U, D): queries once per row
-        pooled = target.new_zeros(b * levels, target.shape[1]).index_add(
-            0, row[slot] * levels + level, weighted[inverse])
-        return pooled.view(b, levels, -1)
+        cells, cell = torch.unique(gather_rows(row, slot) * levels + level, return_inverse=True)  # filled (example, level)
+        pooled = target.new_zeros(len(cells), target.shape[1]).index_add(0, cell, gather_rows(weighted, inverse))  # (C, D)
+        return SparseBlocks(start=start, width=target.shape[1], n_blocks=levels,
+                            row=torch.div(cells, levels, rounding_mode="floor"), block=cells % levels, values=pooled)
 
 
 def embed_unique(embed: Callable[[torch.Tensor], torch.Tensor], *ids: torch.Tensor) -> list[torch.Tensor]:
@@ -517,7 +640,7 @@ def embed_unique(embed: Callable[[torch.Tensor], torch.Tensor], *ids: torch.Tens
     """
     flat = torch.cat([t.reshape(-1) for t in ids]).clamp(min=0)
     unique, inverse = torch.unique(flat, return_inverse=True)
-    vectors = embed(unique)[inverse]
+    vectors = gather_rows(embed(unique), inverse)
     out, begin = [], 0
     for t in ids:
         out.append(vectors[begin:begin + t.numel()].view(*t.shape, vectors.shape[-1]))

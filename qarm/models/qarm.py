@@ -20,6 +20,7 @@ Shapes (B examples, n history slots, L RQ levels, m = match_length, T tasks)::
     history               e(h_1..h_n), most recent first, packed                        (P, D_item)
     interest              DIN(target, history)                                          (B, D_item)
     code matching         DIN(target, latest m of history with target's l-prefix)       (B, L, D_item)
+                          (held as its non-empty (example, level) cells: SparseBlocks)
     (with ``sequence_dim = d``: history, interest and code matching on ``W e(i)``, width d instead of D_item)
     input                 [target | interest | code matching (flat) | user id | user side | category]
     logits                MMoE(input)                                                   (B, T)
@@ -50,6 +51,7 @@ from qarm.models.layers import (
     VQEmbedding,
     embed_unique,
     embedding_table,
+    gather_rows,
     pack,
     required,
 )
@@ -163,16 +165,19 @@ class QARMRanker(nn.Module):
             width = both.shape[1] - self.sequence_project.out_features
             target, query, history = both[:, :width], both[:, width:], history_both[:, width:]  # (B, D), (B, d), (P, d)
         parts = [target, self.interest(query, history, row)]
+        matched = None  # the code-matching sequences: the head's input columns after these parts
         if self.code_matching is not None:
             codes = self.rq_codes  # (n_items, L)
-            matched = self.code_matching(query, history, row, codes[batch.item], codes[items])  # (B, L, d)
-            parts.append(matched.flatten(1))
+            matched = self.code_matching.pooled_blocks(query, history, row, gather_rows(codes, batch.item),
+                                                       gather_rows(codes, items),
+                                                       start=sum(p.shape[1] for p in parts))  # L blocks of d
         parts.append(self.user_id(batch.user))
         if self.user_side is not None:
             parts.append(self.user_side(required(batch.user_features, "user_features")))
         if self.category is not None:
             parts.append(self.category(required(batch.category, "category")))
-        return self.head(torch.cat(parts, dim=-1))
+        # Most (example, level) sequences are empty: the head multiplies the filled ones only.
+        return self.head(torch.cat(parts, dim=-1), matched)
 
 
 def required_codes(codes: np.ndarray | None, name: str) -> np.ndarray:

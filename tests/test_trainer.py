@@ -238,3 +238,38 @@ def test_a_resumed_run_says_it_resumed(data, tables, tmp_path):
     train(build_model("id_only", source.spec, tables, seed=3), source, config, tmp_path, progress=False,
           log=said.append)
     assert said and said[0].startswith("resuming from step 2 of "), said
+
+
+def _drop_from_checkpoint_identity(folder, drop) -> None:
+    """Rewrite a checkpoint as an older qarm would have written it: without some config fields."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = folder / CHECKPOINT_FILE
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    state = json.loads(meta["state"])
+    drop(state["identity"])
+    save_file(tensors, str(path), metadata={**meta, "state": json.dumps(state)})
+
+
+def test_a_checkpoint_from_before_a_new_config_field_resumes_when_the_field_keeps_its_default(data, tables, tmp_path):
+    """A field a later qarm adds with a default (QARMConfig.sequence_dim, TrainConfig.precision) is the same
+    run at its default, and another run at any other value."""
+    source, _ = data
+    config = TrainConfig(max_steps=2, batch_size=256)
+    train(build_model("qarm", source.spec, tables), source, config, tmp_path, progress=False)
+
+    def drop(identity) -> None:
+        del identity["model"]["config"]["sequence_dim"], identity["train"]["precision"]
+        del identity["model"]["config"]["head"]["dropout"]  # nested configs too
+
+    _drop_from_checkpoint_identity(tmp_path, drop)
+    said: list[str] = []
+    more = train(build_model("qarm", source.spec, tables), source, TrainConfig(max_steps=3, batch_size=256),
+                 tmp_path, progress=False, log=said.append)
+    assert more.history.steps == 3 and said[0].startswith("resuming from step 2 of "), said
+    _drop_from_checkpoint_identity(tmp_path, drop)
+    with pytest.raises(CheckpointMismatch, match="different model"):
+        train(build_model("qarm", source.spec, tables, {"sequence_dim": 8}), source,
+              TrainConfig(max_steps=4, batch_size=256), tmp_path, progress=False)

@@ -374,6 +374,23 @@ class _Trainer:
         return {"train": settings, "model": describe_model(self.module), "shapes": shapes,
                 "data": self.source.describe(), "tables": self.tables_digest, "world_size": self.world}
 
+    def _with_new_defaults(self, identity: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's identity with the settings its writer did not have (fields a later qarm added to the
+        training or model config) at their defaults: a field added with a default that keeps the old
+        behaviour must not make an unfinished run "another run" and restart it from scratch."""
+        filled = dict(identity)
+        if isinstance(identity.get("train"), dict):
+            defaults = {k: v for k, v in to_dict(TrainConfig()).items() if k not in _RESUMABLE}
+            filled["train"] = _merge_defaults(defaults, identity["train"])
+        model, config = identity.get("model"), getattr(self.module, "config", None)
+        if isinstance(model, dict) and isinstance(model.get("config"), dict) and config is not None:
+            try:
+                defaults = to_dict(type(config)())
+            except TypeError:  # a config without defaults for every field: nothing to fill
+                return filled
+            filled["model"] = {**model, "config": _merge_defaults(defaults, model["config"])}
+        return filled
+
     def save_checkpoint(self) -> None:
         if self.out_dir is None or self.rank != 0:
             return
@@ -404,7 +421,7 @@ class _Trainer:
             state = json.loads(meta["state"])
         except Exception as exc:  # a truncated or foreign file: say which, do not guess
             raise QarmError(f"{path}: cannot read the checkpoint ({exc}); remove it or pass resume=False") from exc
-        mine, theirs = self.identity(), state.get("identity", {})
+        mine, theirs = self.identity(), self._with_new_defaults(state.get("identity", {}))
         if mine != theirs:
             differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise CheckpointMismatch(f"{path} was written by another run (different {', '.join(differing)}); "
@@ -536,6 +553,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DistributedDataParallel (or DataParallel) wrapper."""
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
     return model.module if isinstance(model, wrappers) else model
+
+
+def _merge_defaults(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` with the keys of ``defaults`` it lacks added (nested dicts merged the same way)."""
+    merged = dict(given)
+    for key, default in defaults.items():
+        if key not in given:
+            merged[key] = default
+        elif isinstance(default, dict) and isinstance(given[key], dict):
+            merged[key] = _merge_defaults(default, given[key])
+    return merged
 
 
 def _distributed() -> tuple[int, int]:

@@ -27,7 +27,7 @@ import numpy as np
 from qarm.data import schema as S
 from qarm.data.describe import describe_dataset
 from qarm.data.schema import Dataset
-from qarm.evaluate.metrics import gauc, grouped_auc
+from qarm.evaluate.metrics import grouped_auc
 
 BAND = (45.0, 55.0)  # GAUC in percent: outside it the sampler (or the split) tells labels apart
 SCORES = ("item_ratio", "popularity")
@@ -69,9 +69,10 @@ def leakage_probe(dataset: Dataset, label: str | None = None) -> dict[str, Any]:
             value = None
             if rows.any():
                 probe = scores[name][items[rows]]
-                used = grouped_auc(labels[rows], probe, users[rows]).n_used
+                grouped = grouped_auc(labels[rows], probe, users[rows])
+                used = grouped.n_used
                 if used:
-                    value = 100.0 * gauc(labels[rows], probe, users[rows])
+                    value = 100.0 * grouped.gauc
                 out["users"][part] = used
             out["gauc"][name][part] = value
             if sampled and value is not None and not BAND[0] <= value <= BAND[1]:

@@ -70,6 +70,12 @@ class GroupedAUC(NamedTuple):
         """The number of groups that hold both classes (and so have an AUC)."""
         return len(self.auc)
 
+    @property
+    def gauc(self) -> float:
+        """The per-group AUCs averaged with each group's row count as the weight (:func:`gauc`); NaN when
+        no group holds both classes."""
+        return float(np.average(self.auc, weights=self.counts)) if self.n_used else float("nan")
+
 
 # --------------------------------------------------------------------------------------------------
 # Input checks
@@ -184,10 +190,6 @@ def _uauc_of(grouped: GroupedAUC) -> float:
     return float(grouped.auc.mean()) if grouped.n_used else float("nan")
 
 
-def _gauc_of(grouped: GroupedAUC) -> float:
-    return float(np.average(grouped.auc, weights=grouped.counts)) if grouped.n_used else float("nan")
-
-
 # --------------------------------------------------------------------------------------------------
 # Public metrics
 
@@ -273,7 +275,7 @@ def gauc(labels: Any, scores: Any, users: Any) -> float:
     scores : (n,) finite float array.
     users : (n,) array of user ids.
     """
-    return _gauc_of(grouped_auc(labels, scores, users))
+    return grouped_auc(labels, scores, users).gauc
 
 
 def logloss(labels: Any, probs: Any, eps: float = 1e-7) -> float:
@@ -385,7 +387,7 @@ def _segment_metrics(y: np.ndarray, p: np.ndarray, codes: np.ndarray, keys: np.n
     return {
         "auc": float(overall[0]),
         "uauc": _uauc_of(grouped),
-        "gauc": _gauc_of(grouped),
+        "gauc": grouped.gauc,
         "logloss": _logloss(y, p, eps),
         CONSTANT_LOGLOSS: _logloss(y, np.full(len(y), y.mean()), eps) if len(y) else float("nan"),
         "n": int(len(y)),

@@ -28,7 +28,14 @@ from qarm.serve.app import create_app
 from qarm.serve.bundle import current_version, export_bundle, list_versions, load_bundle, load_current
 from qarm.serve.scorer import Scorer
 from qarm.serve.store import Event, ItemUpload, LiveStore, RedisLiveStore, SQLiteLiveStore
-from qarm.train.live import LearnConfig, consumed_position, learn, learn_once, trainer_lock
+from qarm.train.live import (
+    LearnConfig,
+    consumed_position,
+    learn,
+    learn_once,
+    read_optimizer_state,
+    trainer_lock,
+)
 from qarm.train.trainer import TrainConfig
 
 FAST = LearnConfig(train=TrainConfig(epochs=1, batch_size=256, checkpoint_every=10**9))
@@ -87,6 +94,9 @@ def test_learn_trains_exactly_the_events_after_the_consumed_position(models: Pat
     second = learn_once(models, store, FAST)
     assert second is not None and (second["previous_position"], second["position"]) == (200, 350)
     assert second["learned_from"] == first["version"]
+    # Adam's moments: fresh from an exported run, then carried from one update to the next
+    assert (first["optimizer_state"], second["optimizer_state"]) == ("fresh", "carried")
+    assert read_optimizer_state(load_current(models)) is not None
     assert seen == [list(range(200)), list(range(200, 350))]  # each event trained once, none lost
     # the weights moved: the update learned something
     before, after = load_bundle(models / "versions" / "v1").weights, load_current(models).weights

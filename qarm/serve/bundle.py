@@ -67,6 +67,7 @@ IDS_FILE = "ids.parquet"
 RQ_FILE = "rq_codebooks.safetensors"
 VQ_FILE = "vq_codebook.safetensors"
 ENCODER_DIR = "encoder"
+OPTIMIZER_FILE = "optimizer.safetensors"  # a `qarm learn` version's Adam moments, for the next update (optional)
 ADDED_KIND = "added"  # ids.parquet rows of the live store's added items a `qarm learn` version learned (id: ordinal)
 SERVABLE_MODELS = ("qarm", "baseline", "id_only")  # the models whose batch is (user, item, history, side)
 DEFAULT_ROW = "+ VQ & RQ"
@@ -394,6 +395,7 @@ class Bundle:
     # object (m,): the live store's added items (ordinals 0..m-1) this bundle learned ID rows for
     # (``arrays["added_id_index"]``; a ``qarm learn`` version), empty for an exported run
     added_source_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=object))
+    optimizer_bytes: bytes | None = None  # the hash-checked optimizer.safetensors of a `qarm learn` version
 
     @property
     def version(self) -> str:
@@ -475,7 +477,7 @@ def load_bundle(folder: str | Path) -> Bundle:
                           f"{len(arrays.get('added_id_index', ()))}")
     return Bundle(folder, manifest, weights, arrays, items[S.SOURCE_ID].astype(str).to_numpy(dtype=object),
                   users[S.SOURCE_ID].astype(str).to_numpy(dtype=object),
-                  added[S.SOURCE_ID].astype(str).to_numpy(dtype=object))
+                  added[S.SOURCE_ID].astype(str).to_numpy(dtype=object), contents.get(OPTIMIZER_FILE))
 
 
 def load_current(models_dir: str | Path) -> Bundle:

@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors.numpy import save as save_numpy
+from safetensors.torch import load as load_torch_bytes
 from safetensors.torch import save as save_torch
 from torch import nn
 
@@ -61,6 +62,7 @@ from qarm.serve.bundle import (
     ENCODER_DIR,
     IDS_FILE,
     MANIFEST_FILE,
+    OPTIMIZER_FILE,
     RQ_FILE,
     TABLES_FILE,
     VERSIONS_DIR,
@@ -237,20 +239,21 @@ def learn_once(models_dir: str | Path, store: LiveStore, config: LearnConfig | N
                                  np.random.default_rng([config.train.seed, position]))
     name, model_config = str(bundle.manifest["model"]), bundle.manifest["model_config"]
     grown = warm_start(name, model_config, examples, scorer.tables, dict(bundle.weights), scorer.tables.id_index,
-                       new_rows, seed=config.train.seed)
+                       new_rows, optimizer_state=read_optimizer_state(bundle), seed=config.train.seed)
     view = examples.view(train_rows, None, window={"log_start": position, "log_end": end, "from": bundle.version,
                                                    "replay_fraction": config.replay_fraction})
     prepared = time.perf_counter() - start
-    result = train(grown.model, view, config.train, None, progress=False)
+    result = train(grown.model, view, config.train, None, progress=False, optimizer_state=grown.optimizer_state)
     losses = [e["train_loss"] for e in result.history.to_dict().get("evals", []) if e.get("train_loss") is not None]
     record = {"position": end, "previous_position": position, "events": len(events),
               "replayed_events": len(train_rows) - len(new_rows), "learned_from": bundle.version,
               "store": store.describe(), "new_users": len(new_users), "new_id_rows": grown.new_items,
-              "added_items": scorer.n_added, "train_loss": losses[-1] if losses else None,
+              "added_items": scorer.n_added, "optimizer_state": "carried" if grown.optimizer_state else "fresh",
+              "train_loss": losses[-1] if losses else None,
               "steps": result.history.steps, "seconds": {"prepare": prepared,
                                                          "train": time.perf_counter() - start - prepared}}
-    manifest = commit_learned_version(models_dir, bundle, grown.model, grown.tables, new_users, scorer, record,
-                                      keep=config.keep)
+    manifest = commit_learned_version(models_dir, bundle, result.model, grown.tables, new_users, scorer, record,
+                                      optimizer_state=result.optimizer_state, keep=config.keep)
     say(f"learn: log {position:,}..{end:,} ({len(events):,} events + {record['replayed_events']:,} replayed, "
         f"{len(new_users)} new users, {grown.new_items} new ID rows) -> {manifest['version']} in "
         f"{time.perf_counter() - start:.1f} s")
@@ -259,12 +262,12 @@ def learn_once(models_dir: str | Path, store: LiveStore, config: LearnConfig | N
 
 def commit_learned_version(models_dir: str | Path, bundle: Bundle, model: nn.Module, tables: ItemTables,
                            new_users: Sequence[str], scorer: Scorer, record: dict[str, Any], *,
-                           keep: int = 3) -> dict[str, Any]:
+                           optimizer_state: dict[str, Any] | None = None, keep: int = 3) -> dict[str, Any]:
     """Write the updated model as a new current version: ``bundle`` with the new weights, the grown ID
     vocabulary (catalogue items in ``id_index``, the store's added items in ``added_id_index``), the new
     users (rows after the bundle's; missing side features, no bundle history: their positives are the
-    store's) and ``record`` as ``manifest["live"]``. The codebooks, encoder and the bundle's log are the
-    bundle's own."""
+    store's), Adam's moments (``optimizer.safetensors``, for the next update) and ``record`` as
+    ``manifest["live"]``. The codebooks, encoder and the bundle's log are the bundle's own."""
     n_catalogue = scorer.n_catalogue
     arrays = dict(bundle.arrays)
     arrays["id_index"] = tables.id_index[:n_catalogue]
@@ -300,6 +303,8 @@ def commit_learned_version(models_dir: str | Path, bundle: Bundle, model: nn.Mod
         (tmp / WEIGHTS_FILE).write_bytes(weights_bytes)
         (tmp / TABLES_FILE).write_bytes(tables_bytes)
         ids.to_parquet(tmp / IDS_FILE, index=False, write_page_checksum=True)
+        if optimizer_state is not None:
+            (tmp / OPTIMIZER_FILE).write_bytes(encode_optimizer_state(optimizer_state))
         for name in (RQ_FILE, VQ_FILE):
             shutil.copyfile(folder / name, tmp / name)
         shutil.copytree(folder / ENCODER_DIR, tmp / ENCODER_DIR)
@@ -312,6 +317,27 @@ def commit_learned_version(models_dir: str | Path, bundle: Bundle, model: nn.Mod
         return json.loads((existing / MANIFEST_FILE).read_text(encoding="utf-8"))
     commit_version(models_dir, manifest, write_files, keep=keep, make_current=True)
     return manifest
+
+
+def encode_optimizer_state(state: dict[str, Any]) -> bytes:
+    """Adam's ``state_dict()`` as safetensors: ``optim/<param>/<name>`` tensors (the trainer checkpoint's
+    layout) and the param groups as JSON metadata."""
+    tensors = {f"optim/{pid}/{key}": (value if torch.is_tensor(value) else torch.tensor(value)).contiguous()
+               for pid, entries in state["state"].items() for key, value in entries.items()}
+    return save_torch(tensors, {"param_groups": json.dumps(state["param_groups"])})
+
+
+def read_optimizer_state(bundle: Bundle) -> dict[str, Any] | None:
+    """The moments a ``qarm learn`` version carries (None: an exported run's bundle has none: fresh Adam)."""
+    if bundle.optimizer_bytes is None:
+        return None
+    data = bundle.optimizer_bytes
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])  # safetensors: u64 size, JSON header
+    moments: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_torch_bytes(data).items():
+        _, pid, name = key.split("/", 2)
+        moments.setdefault(int(pid), {})[name] = value
+    return {"state": moments, "param_groups": json.loads(header["__metadata__"]["param_groups"])}
 
 
 # -- the loop ----------------------------------------------------------------------------------------

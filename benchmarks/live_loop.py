@@ -166,13 +166,15 @@ def main(argv: list[str] | None = None) -> int:
                             ("events", "new_users", "new_id_rows", "seconds", "train_loss")}}
                         for t, v in watcher.changes]
             result["learn_log_tail"] = (Path(tmp) / "learn.log").read_text(errors="replace")[-3000:]
+        result["learned_rows_max_abs_score_difference"] = recheck_learned(models, store_path, stream, exposures, frozen)
         result.update(summarise(stream, versions, exposures, tasks, primary, args))
         result["cpu_seconds"] = {"learner": learner_cpu, "server": server_cpu}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_name(args.out.name + ".tmp")
     tmp_out.write_text(json.dumps(result, indent=2, default=float))
     tmp_out.replace(args.out)
-    print(json.dumps({k: result[k] for k in ("ingest", "event_to_serving_seconds", "served_gauc", "updates")},
+    print(json.dumps({k: result[k] for k in ("ingest", "event_to_serving_seconds", "frozen_rows_max_abs_score_difference",
+                                             "learned_rows_max_abs_score_difference", "served_gauc", "updates")},
                      indent=2, default=float))
     print(f"wrote {args.out}")
     return 0
@@ -193,6 +195,7 @@ def stream_exposures(url: str, exposures: pd.DataFrame, tasks: list[str], frozen
     live_scores = np.full((n, len(tasks)), np.nan)
     frozen_scores = np.full((n, len(tasks)), np.nan)
     served_version = np.empty(n, dtype=object)
+    served_as_of = np.zeros(n, dtype=np.int64)
     ingested_at = np.full(n, np.nan)  # wall time each event's /v1/events call returned
     post_seconds, rank_seconds, behind = 0.0, 0.0, 0.0
     round_of = (exposures["time"].to_numpy() - cut) // args.round_seconds
@@ -231,6 +234,7 @@ def stream_exposures(url: str, exposures: pd.DataFrame, tasks: list[str], frozen
                     live_scores[row] = by_item[item]
                     frozen_scores[row] = frozen_by_item[item]
                     served_version[row] = body["model_version"]
+                    served_as_of[row] = as_of
             events = [{"user_id": r.user, "item_id": r.item, "time": int(r.time),
                        "labels": {task: int(getattr(r, task)) for task in tasks}} for r in chunk.itertuples()]
             t = time.perf_counter()
@@ -241,9 +245,36 @@ def stream_exposures(url: str, exposures: pd.DataFrame, tasks: list[str], frozen
             done = hi
             if hi // 2000 != lo // 2000:
                 print(f"live loop: {hi:,}/{n:,} events, {time.monotonic() - t0:.0f} s", flush=True)
-    return {"done": done, "live": live_scores, "frozen": frozen_scores, "version": served_version,
+    return {"done": done, "live": live_scores, "frozen": frozen_scores, "version": served_version, "as_of": served_as_of,
             "ingested_at": ingested_at, "post_seconds": post_seconds, "rank_seconds": rank_seconds,
             "wall_seconds": time.monotonic() - t0, "rounds": len(starts), "max_behind_seconds": behind}
+
+
+def recheck_learned(models: Path, store_path: Path, stream: dict[str, Any], exposures: pd.DataFrame,
+                    frozen: Scorer, sample: int = 300) -> float | None:
+    """Check of the served scores: up to ``sample`` rows served by learned versions, rescored here by a
+    Scorer of the version that served them (the store's positives as of the same time): the largest
+    difference of any task's score."""
+    from qarm.serve.store import USER_POSITIVES_KEPT
+
+    versions = stream["version"][:stream["done"]]
+    rows = np.flatnonzero(np.asarray([v not in (None, frozen.version) for v in versions]))
+    if not len(rows):
+        return None
+    rows = np.random.default_rng(0).choice(rows, size=min(sample, len(rows)), replace=False)
+    store = SQLiteLiveStore(store_path)
+    scorers: dict[str, Scorer] = {}
+    worst = 0.0
+    for row in rows.tolist():
+        version = str(versions[row])
+        if version not in scorers:
+            scorers[version] = Scorer(load_bundle(models / "versions" / version), store.items_since(0))
+        user, item = str(exposures.at[row, "user"]), str(exposures.at[row, "item"])
+        probs = scorers[version].score(user, [item], live=store.user_positives(user, USER_POSITIVES_KEPT),
+                                       as_of=int(stream["as_of"][row]))[0]
+        worst = max(worst, float(np.abs(probs - stream["live"][row]).max()))
+    store.close()
+    return worst
 
 
 def summarise(stream: dict[str, Any], versions: list[dict[str, Any]], exposures: pd.DataFrame, tasks: list[str],
@@ -262,17 +293,27 @@ def summarise(stream: dict[str, Any], versions: list[dict[str, Any]], exposures:
     first_version = versions[0]["version"] if versions else None
     updated = np.asarray([v is not None and v != first_version for v in stream["version"][:done]])
 
+    # GAUC groups: by user (what each user was served, across the versions that served them), and by
+    # (user, serving version), where every group's scores come from one model, the frozen one's from the
+    # same groups: a user's AUC across two versions compares scores of two models on different scales.
+    served_by = np.asarray([f"{u}\t{v}" for u, v in zip(users, stream["version"][:done])], dtype=object)
+
     def gaucs(mask: np.ndarray) -> dict[str, Any]:
         out: dict[str, Any] = {"rows": int(mask.sum())}
         for j, task in enumerate(tasks):
             y = frame[task].to_numpy()[mask]
             if len(np.unique(y)) < 2:
                 continue
-            out[task] = {"live_loop": gauc(y, stream["live"][:done, j][mask], users[mask]),
-                         "frozen": gauc(y, stream["frozen"][:done, j][mask], users[mask])}
+            live, fixed = stream["live"][:done, j][mask], stream["frozen"][:done, j][mask]
+            out[task] = {"by_user": {"live_loop": gauc(y, live, users[mask]), "frozen": gauc(y, fixed, users[mask])},
+                         "by_user_and_version": {"live_loop": gauc(y, live, served_by[mask]),
+                                                 "frozen": gauc(y, fixed, served_by[mask])}}
         return out
 
     every = np.ones(done, dtype=bool)
+    # check of the comparison: rows the service served with the frozen version score as the frozen scorer here
+    same = ~updated
+    consistency = float(np.abs(stream["live"][:done][same] - stream["frozen"][:done][same]).max()) if same.any() else None
     per_day = [{"day": int(d) + 1, **gaucs(day == d)} for d in np.unique(day)]
     return {
         "ingest": {"events": int(done), "post_seconds": stream["post_seconds"],
@@ -285,6 +326,7 @@ def summarise(stream: dict[str, Any], versions: list[dict[str, Any]], exposures:
             "events_learned": int(learned.sum()), "events_not_yet_learned": int((~learned).sum()),
             **({"p50": float(np.percentile(latency[learned], 50)), "p90": float(np.percentile(latency[learned], 90)),
                 "max": float(latency[learned].max()), "min": float(latency[learned].min())} if learned.any() else {})},
+        "frozen_rows_max_abs_score_difference": consistency,
         "served_gauc": {"all": gaucs(every), "after_first_update": gaucs(updated), "per_day": per_day,
                         "primary": primary},
         "updates": {"versions_served": len(versions) - 1,

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--day-wall-seconds", type=float, default=20.0, help="wall seconds per simulated day")
     parser.add_argument("--round-seconds", type=int, default=3600, help="simulated seconds per round")
     parser.add_argument("--every-events", type=int, default=1000, help="qarm learn --every-events")
-    parser.add_argument("--batch-size", type=int, default=256, help="qarm learn --set train.batch_size")
+    parser.add_argument("--batch-size", type=int, default=1024, help="qarm learn train.batch_size (TrainConfig's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server and the learner")
     parser.add_argument("--drain-seconds", type=float, default=60.0, help="wait this long after the stream for the "
                         "learner to publish what it has")

@@ -220,3 +220,6 @@ def test_cli_learn_once_and_its_errors(models: Path, store: LiveStore, exposures
     result = runner.invoke(cli_app, ["learn", str(models), "--store", str(models / "live.sqlite"),
                                      "--every-events", "5", "--every-seconds", "1"])
     assert result.exit_code == 2 and "exclude each other" in result.output
+    missing = models.parent / "no-models"
+    result = runner.invoke(cli_app, ["learn", str(missing), "--store", str(models / "live.sqlite"), "--once"])
+    assert result.exit_code == 2 and "no current bundle" in result.output and not missing.exists()

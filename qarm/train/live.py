@@ -369,6 +369,7 @@ def learn(models_dir: str | Path, store: LiveStore, config: LearnConfig | None =
         torch.set_num_threads(config.threads)
     updates: list[dict[str, Any]] = []
     began = last = time.monotonic()
+    current_position(models_dir)  # a folder without a current bundle is refused before anything is written
     with trainer_lock(models_dir):
         say(f"learn: following {store.describe()} from position {current_position(models_dir):,} "
             f"({to_dict(config) | {'train': None}})")

@@ -89,6 +89,7 @@ def test_learn_trains_exactly_the_events_after_the_consumed_position(models: Pat
     first = learn_once(models, store, FAST)
     assert first is not None and first["previous_position"] == 0 and first["position"] == 200
     assert current_version(models) == first["version"] != "v1"
+    assert first["steps"] == 1 and first["train_loss"] > 0  # 200 events, batch 256: one step
     assert consumed_position(load_current(models)) == 200
     store.append_events(exposures[200:350])
     second = learn_once(models, store, FAST)

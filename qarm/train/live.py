@@ -172,10 +172,16 @@ def log_examples(scorer: Scorer, events: Sequence[Event], first_position: int,
         known = scorer.user_index.get(e.user_id)
         users[r] = known if known is not None else new_users.setdefault(e.user_id, n_users + len(new_users))
     labels = np.asarray([[e.labels.get(t, 0) for t in scorer.tasks] for e in events], dtype=np.float32)
-    live: dict[str, list[tuple[str, int]]] = {}
-    histories = np.stack([scorer.history(e.user_id, live[e.user_id] if e.user_id in live else
-                                         live.setdefault(e.user_id, live_positives(e.user_id)), as_of=e.time)
-                          for e in events]) if events else np.zeros((0, scorer.history_length), dtype=np.int64)
+    live: dict[str, list[tuple[str, int]]] = {}  # each user's store positives, read once
+
+    def positives(user: str) -> list[tuple[str, int]]:
+        if user not in live:
+            live[user] = live_positives(user)
+        return live[user]
+
+    histories = np.zeros((len(events), scorer.history_length), dtype=np.int64)
+    for r, e in enumerate(events):
+        histories[r] = scorer.history(e.user_id, positives(e.user_id), as_of=e.time)
     codes = scorer.user_feature_codes  # the bundle's users, then the unknown user's missing codes
     if codes is not None:
         codes = np.vstack([codes[:-1], np.repeat(codes[-1:], len(new_users), axis=0)])
@@ -243,19 +249,21 @@ def learn_once(models_dir: str | Path, store: LiveStore, config: LearnConfig | N
     view = examples.view(train_rows, None, window={"log_start": position, "log_end": end, "from": bundle.version,
                                                    "replay_fraction": config.replay_fraction})
     prepared = time.perf_counter() - start
-    result = train(grown.model, view, config.train, None, progress=False, optimizer_state=grown.optimizer_state)
-    losses = [e["train_loss"] for e in result.history.to_dict().get("evals", []) if e.get("train_loss") is not None]
+    losses: list[float] = []
+    result = train(grown.model, view, config.train, None, progress=False, optimizer_state=grown.optimizer_state,
+                   on_step=lambda step, loss: losses.append(loss))
     record = {"position": end, "previous_position": position, "events": len(events),
               "replayed_events": len(train_rows) - len(new_rows), "learned_from": bundle.version,
               "store": store.describe(), "new_users": len(new_users), "new_id_rows": grown.new_items,
               "added_items": scorer.n_added, "optimizer_state": "carried" if grown.optimizer_state else "fresh",
-              "train_loss": losses[-1] if losses else None,
+              "train_loss": float(np.mean(losses)) if losses else None,  # mean over the update's steps
               "steps": result.history.steps, "seconds": {"prepare": prepared,
                                                          "train": time.perf_counter() - start - prepared}}
     manifest = commit_learned_version(models_dir, bundle, result.model, grown.tables, new_users, scorer, record,
                                       optimizer_state=result.optimizer_state, keep=config.keep)
     say(f"learn: log {position:,}..{end:,} ({len(events):,} events + {record['replayed_events']:,} replayed, "
-        f"{len(new_users)} new users, {grown.new_items} new ID rows) -> {manifest['version']} in "
+        f"{len(new_users)} new users, {grown.new_items} new ID rows, {result.history.steps} steps, mean loss "
+        f"{np.mean(losses) if losses else float('nan'):.4f}) -> {manifest['version']} in "
         f"{time.perf_counter() - start:.1f} s")
     return dict(manifest["live"]) | {"version": manifest["version"]}
 

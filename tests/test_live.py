@@ -120,14 +120,22 @@ def replace_config(**changes: object) -> LearnConfig:
     return LearnConfig(**{"train": FAST.train, **changes})  # type: ignore[arg-type]
 
 
-def test_the_loop_updates_every_k_events_and_stops_at_max_updates(models: Path, store: LiveStore,
+def test_the_loop_updates_every_k_events_and_leaves_fewer_waiting_until_once(models: Path, store: LiveStore,
                                                                  exposures: list[Event]):
     store.append_events(exposures[:250])
-    updates = learn(models, store, replace_config(every_events=100, max_events=100, max_updates=5, max_seconds=60,
-                                                  poll_seconds=0.01))
-    # 250 waiting, K = 100, 100 per update: two updates, then 50 wait (< K) until --max-seconds
-    assert [u["position"] for u in updates[:2]] == [100, 200]
+    idle_polls = []
+
+    def stop() -> bool:  # 20 polls after the second update, then stop (a bound: --max-seconds 120)
+        if consumed_position(load_current(models)) >= 200:
+            idle_polls.append(1)
+        return len(idle_polls) >= 20
+
+    updates = learn(models, store, replace_config(every_events=100, max_events=100, max_updates=5, max_seconds=120,
+                                                  poll_seconds=0.01), should_stop=stop)
+    # 250 waiting, K = 100, 100 per update: two updates, then 50 wait (< K) and are not trained
+    assert [u["position"] for u in updates] == [100, 200]
     assert consumed_position(load_current(models)) == 200
+    assert learn(models, store, replace_config(max_updates=1, poll_seconds=0.01, once=True))[0]["position"] == 250
 
 
 def test_a_killed_update_leaves_the_serving_version_and_is_redone_from_the_same_position(

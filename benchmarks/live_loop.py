@@ -23,7 +23,9 @@ max), and the served next-day GAUC of the live loop against the frozen model on 
 per simulated day, and on the rows scored after the first update). Bounded: a fixed number of events, a
 hard wall-clock limit (``--max-wall``), every process stopped at the end.
 
-Writes ``benchmarks/results/live_loop.json``.
+Writes ``benchmarks/results/live_loop.json`` (``updates.update_seconds``: each update's preparation and
+training, from its manifest; the commit of the version comes after the manifest is written, so the whole
+update's wall time is in the learner's log lines, ``learn_log_tail``).
 """
 
 from __future__ import annotations

@@ -586,6 +586,57 @@ def serve(
                 log_level=log_level, access_log=False)
 
 
+@app.command()
+def learn(
+    models_dir: Annotated[Path, typer.Argument(help="The bundles' folder the service serves (its current version "
+                                               "is where learning starts).")],
+    store: Annotated[str, typer.Option(help="The service's live store: redis://host:port/db, or its SQLite file "
+                                       "(`qarm serve` defaults to MODELS_DIR/live.sqlite).")],
+    every_events: Annotated[int | None, typer.Option(help="Update once this many new events wait (default 1000).")]
+        = None,
+    every_seconds: Annotated[float | None, typer.Option(help="Instead: update every T seconds when any event "
+                                                        "waits.")] = None,
+    max_updates: Annotated[int | None, typer.Option(help="Stop after this many updates.")] = None,
+    max_seconds: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    once: Annotated[bool, typer.Option(help="One update of whatever waits (or none), then exit: for a scheduler.")]
+        = False,
+    max_events: Annotated[int, typer.Option(help="Events one update reads at most.")] = 100_000,
+    replay_fraction: Annotated[float, typer.Option(help="Older events mixed into an update, as a share of its new "
+                                                   "ones.")] = 0.0,
+    keep: Annotated[int, typer.Option(help="Bundle versions kept (the current one never removed).")] = 3,
+    threads: Annotated[int | None, typer.Option(help="Torch threads (default: torch's).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML with the fields of "
+                                                "qarm.train.live.LearnConfig.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE, e.g. train.lr=0.0005 or "
+                                                   "train.epochs=2 or poll_seconds=0.5")] = None,
+) -> None:
+    """Follow the service's event log: train each batch of new events into the current model and publish it
+    as a new version (the service hot-reloads it). Resumes from the position the current version records."""
+    from qarm.serve.store import open_live_store
+    from qarm.train.live import LearnConfig
+    from qarm.train.live import learn as run_learn
+
+    try:
+        options = merge(load_yaml(config) if config else {}, parse_sets(set_))
+        flags = {"every_events": every_events, "every_seconds": every_seconds, "max_updates": max_updates,
+                 "max_seconds": max_seconds, "once": once or None, "max_events": max_events,
+                 "replay_fraction": replay_fraction, "keep": keep, "threads": threads}
+        for key, value in flags.items():
+            if value is not None:
+                options.setdefault(key, value)
+        options["train"] = {"epochs": 1, "checkpoint_every": 10**9, **(options.get("train") or {})}
+        learn_config = LearnConfig.from_dict(options)
+        live = open_live_store(store)
+        try:
+            updates = run_learn(models_dir, live, learn_config,
+                                log=lambda msg: console.print(msg, highlight=False, markup=False))
+        finally:
+            live.close()
+    except QarmError as exc:
+        _fail(exc)
+    console.print(f"learn: {len(updates)} update(s)", highlight=False, markup=False)
+
+
 # ------------------------------------------------------------------------------------ error boundary
 
 def _known_failure(exc: BaseException) -> str | None:

@@ -67,6 +67,8 @@ IDS_FILE = "ids.parquet"
 RQ_FILE = "rq_codebooks.safetensors"
 VQ_FILE = "vq_codebook.safetensors"
 ENCODER_DIR = "encoder"
+OPTIMIZER_FILE = "optimizer.safetensors"  # a `qarm learn` version's Adam moments, for the next update (optional)
+ADDED_KIND = "added"  # ids.parquet rows of the live store's added items a `qarm learn` version learned (id: ordinal)
 SERVABLE_MODELS = ("qarm", "baseline", "id_only")  # the models whose batch is (user, item, history, side)
 DEFAULT_ROW = "+ VQ & RQ"
 
@@ -192,8 +194,7 @@ def export_bundle(run_dir: str | Path, models_dir: str | Path, *, row: str | Non
     weights = _read_weights(weights_path)
     arrays = _tables_arrays(tables, source)
     weights_bytes, tables_bytes = save_torch(weights), save_numpy(arrays)
-    content = hashlib.sha256(weights_bytes + tables_bytes).hexdigest()[:12]
-    version = version or f"v{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{content}"
+    version = version or version_name(weights_bytes + tables_bytes)
     _check_version_name(version)
     quantize_meta = json.loads((folders.quantize_dir / "quantize.json").read_text(encoding="utf-8"))
     category_values = _category_values(dataset)
@@ -221,19 +222,44 @@ def export_bundle(run_dir: str | Path, models_dir: str | Path, *, row: str | Non
                    "tables_digest": tables.digest(), "metrics": _overall(report)},
         "files": {},
     }
+    quantize_dir, align_dir = folders.quantize_dir, folders.align_dir
+
+    def write_files(tmp: Path) -> None:
+        (tmp / WEIGHTS_FILE).write_bytes(weights_bytes)
+        (tmp / TABLES_FILE).write_bytes(tables_bytes)
+        _ids_frame(dataset).to_parquet(tmp / IDS_FILE, index=False, write_page_checksum=True)
+        shutil.copyfile(quantize_dir / "rq_codebooks.safetensors", tmp / RQ_FILE)
+        shutil.copyfile(quantize_dir / "vq_codebook.safetensors", tmp / VQ_FILE)
+        shutil.copytree(align_dir / "encoder", tmp / ENCODER_DIR)
+
+    final, removed = commit_version(models_dir, manifest, write_files, keep=keep, make_current=make_current)
+    say(f"export: {model_name} -> {final} in {time.perf_counter() - start:.1f} s"
+        + (f" (current; removed {removed})" if removed else " (current)" if make_current else ""))
+    return manifest
+
+
+def version_name(content: bytes) -> str:
+    """``v<UTC time>-<12 hex digits of the content's SHA-256>``: names sort by export time."""
+    return f"v{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{hashlib.sha256(content).hexdigest()[:12]}"
+
+
+def commit_version(models_dir: str | Path, manifest: dict[str, Any], write_files: Callable[[Path], None], *,
+                   keep: int = 3, make_current: bool = True) -> tuple[Path, list[str]]:
+    """Write a bundle version atomically: ``write_files(tmp)`` fills a temporary folder beside
+    ``versions/<manifest["version"]>``, the manifest (its ``files`` hashes filled in here) and ``READY`` go
+    in last, one rename makes the version appear whole, then ``CURRENT`` is swapped (``make_current``) and
+    old versions pruned beyond ``keep``. Anything raised before the rename leaves no trace; a version is
+    never overwritten. Returns the version's folder and the pruned versions."""
+    version = str(manifest["version"])
+    _check_version_name(version)
     models_dir = Path(models_dir)
     final = models_dir / VERSIONS_DIR / version
     if final.exists():
         raise DataError(f"{final} already exists; versions are never overwritten")
-    tmp = temporary(models_dir / VERSIONS_DIR / version)
+    tmp = temporary(final)
     tmp.mkdir(parents=True)
     try:
-        (tmp / WEIGHTS_FILE).write_bytes(weights_bytes)
-        (tmp / TABLES_FILE).write_bytes(tables_bytes)
-        _ids_frame(dataset).to_parquet(tmp / IDS_FILE, index=False, write_page_checksum=True)
-        shutil.copyfile(folders.quantize_dir / "rq_codebooks.safetensors", tmp / RQ_FILE)
-        shutil.copyfile(folders.quantize_dir / "vq_codebook.safetensors", tmp / VQ_FILE)
-        shutil.copytree(folders.align_dir / "encoder", tmp / ENCODER_DIR)
+        write_files(tmp)
         manifest["files"] = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         write_json(tmp / MANIFEST_FILE, manifest)
         (tmp / READY_FILE).write_text(_sha256(tmp / MANIFEST_FILE) + "\n", encoding="utf-8")
@@ -243,10 +269,7 @@ def export_bundle(run_dir: str | Path, models_dir: str | Path, *, row: str | Non
         raise
     if make_current:
         set_current(models_dir, version)
-    removed = prune_versions(models_dir, keep, protect=(version,))
-    say(f"export: {model_name} -> {final} in {time.perf_counter() - start:.1f} s"
-        + (f" (current; removed {removed})" if removed else " (current)" if make_current else ""))
-    return manifest
+    return final, prune_versions(models_dir, keep, protect=(version,))
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -369,6 +392,10 @@ class Bundle:
     arrays: dict[str, np.ndarray]
     item_source_ids: np.ndarray  # object (n_items,): dense item id -> source_id
     user_source_ids: np.ndarray  # object (n_users,)
+    # object (m,): the live store's added items (ordinals 0..m-1) this bundle learned ID rows for
+    # (``arrays["added_id_index"]``; a ``qarm learn`` version), empty for an exported run
+    added_source_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=object))
+    optimizer_bytes: bytes | None = None  # the hash-checked optimizer.safetensors of a `qarm learn` version
 
     @property
     def version(self) -> str:
@@ -444,8 +471,13 @@ def load_bundle(folder: str | Path) -> Bundle:
     if len(items) != spec["n_items"] or len(users) != spec["n_users"]:
         raise BundleError(f"{folder / IDS_FILE}: {len(items)} items and {len(users)} users, the manifest says "
                           f"{spec['n_items']} and {spec['n_users']}")
+    added = ids[ids["kind"] == ADDED_KIND].sort_values("id")
+    if len(added) != len(arrays.get("added_id_index", ())):
+        raise BundleError(f"{folder / IDS_FILE}: {len(added)} added items, {TABLES_FILE} has ID rows for "
+                          f"{len(arrays.get('added_id_index', ()))}")
     return Bundle(folder, manifest, weights, arrays, items[S.SOURCE_ID].astype(str).to_numpy(dtype=object),
-                  users[S.SOURCE_ID].astype(str).to_numpy(dtype=object))
+                  users[S.SOURCE_ID].astype(str).to_numpy(dtype=object),
+                  added[S.SOURCE_ID].astype(str).to_numpy(dtype=object), contents.get(OPTIMIZER_FILE))
 
 
 def load_current(models_dir: str | Path) -> Bundle:

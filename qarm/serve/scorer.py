@@ -187,8 +187,15 @@ class Scorer:
             self.item_index[it.source_id] = self.n_catalogue + it.ordinal
         self.codebooks = codebooks or Codebooks(bundle, text_model)
         self.codebooks.join_catalogue(self.added, self.n_catalogue)
-        tables, self.item_category = self._tables()
-        self.model = self._build(tables)
+        learned = list(bundle.added_source_ids)
+        stored = [it.source_id for it in self.added[:len(learned)]]
+        if stored != learned:
+            raise DataError(f"bundle {self.version} learned ID rows for the live store's first {len(learned)} added "
+                            f"items, but the store's items differ ({len(stored)} there, first difference at ordinal "
+                            f"{next((i for i, (a, b) in enumerate(zip(stored, learned)) if a != b), len(stored))}): "
+                            "serve it with the store it learned from")
+        self.tables, self.item_category = self._tables()
+        self.model = self._build(self.tables)
         self.vector_name = _vector_name(self.model)
 
     # -- building ---------------------------------------------------------------------------------
@@ -204,9 +211,13 @@ class Scorer:
             extra = np.stack([it.vector for it in self.added]) if name == "aligned" else np.zeros(
                 (n, value.shape[1]), np.float32)
             vectors[name] = np.vstack([value, extra.astype(np.float32)])
+        # Added items get OOV, unless the bundle learned ID rows for them (a `qarm learn` version).
+        added_rows = np.full(n, OOV, dtype=np.int64)
+        learned = self.bundle.arrays.get("added_id_index", np.zeros(0, dtype=np.int64))[:n]
+        added_rows[:len(learned)] = learned
         tables = replace(
             base,
-            id_index=np.concatenate([base.id_index, np.full(n, OOV, dtype=np.int64)]),
+            id_index=np.concatenate([base.id_index, added_rows]),
             vq=None if base.vq is None else np.vstack([base.vq, np.stack([it.vq for it in self.added])]),
             rq=None if base.rq is None else np.vstack([base.rq, np.stack([it.rq for it in self.added])]),
             vectors=vectors, catalogue_size=self.n_catalogue)
@@ -243,8 +254,8 @@ class Scorer:
                 raise DataError(f"added item {it.source_id!r} is already known to bundle {self.version}")
             scorer.item_index[it.source_id] = self.n_catalogue + it.ordinal
         self.codebooks.join_catalogue(scorer.added, self.n_catalogue)
-        tables, scorer.item_category = scorer._tables()
-        scorer.model = scorer._build(tables)
+        scorer.tables, scorer.item_category = scorer._tables()
+        scorer.model = scorer._build(scorer.tables)
         return scorer
 
     # -- requests ---------------------------------------------------------------------------------

@@ -325,6 +325,7 @@ def _align_folder_vectors(folder: Path, which: str
     import json as _json
 
     from qarm.align.contrastive import read_alignment
+    from qarm.align.stage import made_from_align
     from qarm.data.io import load_dataset
 
     vectors, _ = read_alignment(folder)
@@ -332,9 +333,11 @@ def _align_folder_vectors(folder: Path, which: str
         raise ConfigError(f"{folder}: unknown vectors {which!r}; available: {sorted(vectors)}")
     report = _json.loads((folder / "align_report.json").read_text())
     dataset = load_dataset(report["dataset"]["path"], validate=False)
+    made_from = made_from_align(folder, dataset, report["dataset"]["path"])
     items = dataset.items
     categories = items["category"].to_numpy(dtype=object) if "category" in items.columns else None
-    inputs = {"catalogue": dataset.catalogue_digest(), "align_dir": str(folder.resolve()), "vectors": which}
+    inputs = {"catalogue": dataset.catalogue_digest(), "align_dir": str(folder.resolve()), "vectors": which,
+              "made_from": made_from}
     return vectors[which], items["item_id"].to_numpy(), categories, inputs
 
 

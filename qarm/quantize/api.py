@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qarm import __version__
+from qarm import __version__, provenance
 from qarm.config import to_dict
 from qarm.data.io import atomic_directory, atomic_write_bytes, write_json
 from qarm.errors import ConfigError, DataError
@@ -168,9 +168,11 @@ def quantize_items(
 ) -> dict[str, Any]:
     """Fit VQ and RQ codebooks on the catalogue and write a quantize folder (atomically).
 
-    ``inputs`` (provenance, recorded in ``quantize.json``): what the vectors were made from, e.g.
-    ``{"catalogue": dataset.catalogue_digest(), "align_dir": ...}``; consumers refuse codes of another
-    catalogue (:meth:`qarm.features.ItemTables.build`).
+    ``inputs`` (recorded in ``quantize.json``): what the vectors were made from, e.g.
+    ``{"catalogue": dataset.catalogue_digest(), "align_dir": ..., "made_from": {"dataset": ..., "vectors":
+    ...}}``; ``made_from`` (digests, :mod:`qarm.provenance`) goes into the folder's ``provenance`` block, whose
+    run id ``codes.parquet`` carries too. Consumers refuse codes of another catalogue or dataset
+    (:meth:`qarm.features.ItemTables.build`).
 
     Parameters
     ----------
@@ -235,6 +237,7 @@ def quantize_items(
     seconds["quality"] = time.perf_counter() - start
 
     version = codes_version(rq.version_, vq.version_)
+    run_id = provenance.new_run_id()
     summary: dict[str, Any] = {
         "format": FOLDER_FORMAT,
         "qarm_version": __version__,
@@ -250,14 +253,15 @@ def quantize_items(
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "faiss_threads": faiss_ops.num_threads()},
         "seconds": seconds,
-        "inputs": dict(inputs or {}),
+        "inputs": {k: v for k, v in (inputs or {}).items() if k != "made_from"},
+        provenance.BLOCK: provenance.Provenance(run_id, version, dict((inputs or {}).get("made_from") or {})).to_json(),
     }
 
     def write(tmp: Path) -> None:
         t0 = time.perf_counter()
         rq.save(tmp / RQ_FILE)
         vq.save(tmp / VQ_FILE)
-        _write_codes_parquet(tmp / CODES_FILE, ids, vq_codes, rq_codes, version)
+        _write_codes_parquet(tmp / CODES_FILE, ids, vq_codes, rq_codes, version, run_id)
         if config.write_store:
             store = SQLiteCodeStore(tmp / STORE_FILE)
             try:
@@ -303,7 +307,8 @@ def quantize_dataset(
     return quantize_items(dataset.item_vectors[vectors], items["item_id"].to_numpy(), out_dir, config,
                           categories=categories, overwrite=overwrite, log=log, progress=progress,
                           inputs={"catalogue": dataset.catalogue_digest(), "dataset_dir": str(Path(dataset_dir).resolve()),
-                                  "vectors": vectors})
+                                  "vectors": vectors,
+                                  "made_from": provenance.made_from(dataset=provenance.of_dataset(dataset.meta.provenance))})
 
 
 def assign_new_items(
@@ -458,6 +463,8 @@ def read_codes(out_dir: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         if expected is not None and recorded != expected:
             raise DataError(f"{path} holds codes of version {recorded}, but {meta_path} records {expected}: the folder "
                             "mixes two quantize runs; quantize again into it (qarm quantize --overwrite)")
+    file_run = (table.schema.metadata or {}).get(provenance.RUN_ID_KEY.encode(), b"").decode() or None
+    provenance.check_run_id(path, file_run, meta_path, provenance.read(meta_path), REQUANTIZE)
     names = table.column_names
     ids = table.column("item_id").to_numpy().astype(np.int64)
     codes = {}
@@ -467,13 +474,28 @@ def read_codes(out_dir: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     return ids, codes
 
 
+REQUANTIZE = "quantize again into it (qarm quantize ... --out QUANTIZE --overwrite)"
+
+
+def check_quantize_folder(out_dir: str | Path, dataset: provenance.Provenance | None, dataset_label: str, *,
+                          fix: str = "pass the --codes folder quantized from this dataset's vectors, or quantize "
+                                     "them (qarm quantize)") -> provenance.Provenance | None:
+    """The quantize folder's provenance, after checking that it was made from the dataset whose provenance is
+    ``dataset`` (else :class:`~qarm.provenance.ProvenanceMismatch`, ending with ``fix``). ``codes.parquet``'s
+    run id is checked where it is read (:func:`read_codes`)."""
+    out_dir = Path(out_dir)
+    made = provenance.read(out_dir / META_FILE)
+    provenance.check_made_from(out_dir, made, "dataset", dataset_label, dataset, fix)
+    return made
+
+
 def _write_codes_parquet(path: Path, ids: np.ndarray, vq_codes: np.ndarray, rq_codes: np.ndarray,
-                         version: str) -> None:
+                         version: str, run_id: str) -> None:
     rq_type = pa.int16() if max(rq_codes.max(initial=0), 0) < 2**15 else pa.int32()
     columns = {"item_id": pa.array(ids, type=pa.int64())}
     columns |= {f"vq_{j}": pa.array(vq_codes[:, j], type=pa.int64()) for j in range(vq_codes.shape[1])}
     columns |= {f"rq_{j}": pa.array(rq_codes[:, j]).cast(rq_type) for j in range(rq_codes.shape[1])}
-    table = pa.table(columns).replace_schema_metadata({"qarm.codes_version": version})
+    table = pa.table(columns).replace_schema_metadata({"qarm.codes_version": version, provenance.RUN_ID_KEY: run_id})
     pq.write_table(table, path, compression="zstd", write_page_checksum=True)
 
 

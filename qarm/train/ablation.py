@@ -273,7 +273,7 @@ def run_ablation(dataset_dir: str | Path, out_dir: str | Path, config: AblationC
 
             def fit(resume: bool, job: dict[str, Any] = job) -> dict[str, Any]:
                 return train_ranking(None, job["dir"], job["config"], source=source, tables=tables, resume=resume,
-                                     progress=progress, log=None)
+                                     quantize_dir=quantize_dir, align_dir=align_dir, progress=progress, log=None)
 
             reports[job_id] = _train_job(fit, fresh, say)
             say(_run_line(job_id, reports[job_id]))

@@ -4,9 +4,10 @@ Each stage writes a ``provenance`` block into its JSON manifest::
 
     {"run_id": "<uuid hex>", "digest": "<kind>-<16 hex>", "made_from": {"dataset": "dataset-...", ...}}
 
-* ``digest`` names what the folder holds: ``dataset-`` (``qarm data prepare``: a SHA-256 over its Parquet
-  files), ``vectors-`` (``qarm align``: over ``vectors.safetensors``), ``codes-`` (``qarm quantize``: its
-  codes version, a hash of both codebooks), ``model-`` (a ranking run: over ``train/best.safetensors``).
+* ``digest`` names what the folder holds, by content: ``dataset-`` (``qarm data prepare``: its items,
+  interactions, users and item vectors), ``vectors-`` (``qarm align``: the pre-trained and aligned vectors),
+  ``codes-`` (``qarm quantize``: its codes version, a hash of both codebooks), ``model-`` (a ranking run:
+  ``train/best.safetensors``). Re-running a stage on the same input gives the same digest.
 * ``made_from`` holds the digests of the folders it read (``dataset``, ``vectors``, ``codes``, ``model``).
 * ``run_id`` is also written into the metadata of the Parquet and safetensors files the stage writes
   (key ``qarm.run_id``), so a file copied in from another run is told apart from the folder's own.
@@ -96,6 +97,28 @@ def file_digest(kind: str, paths: Iterable[Path]) -> str:
         with open(path, "rb") as f:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
+    return f"{kind}-{h.hexdigest()[:16]}"
+
+
+def content_digest(kind: str, frames: dict[str, Any] | None = None, arrays: dict[str, Any] | None = None) -> str:
+    """``<kind>-<16 hex>``: SHA-256 over the content of DataFrames (column names, dtypes, a hash per row) and
+    arrays (dtype, shape, bytes), independent of the files' metadata: a stage re-run on the same input that
+    writes the same content has the same digest (its run id differs)."""
+    import numpy as np
+    import pandas as pd
+
+    h = hashlib.sha256(kind.encode() + b"\0")
+    for name, frame in (frames or {}).items():
+        h.update(f"{name}:{list(map(str, frame.columns))}:{[str(t) for t in frame.dtypes]};".encode())
+        try:
+            rows = pd.util.hash_pandas_object(frame, index=False)
+        except TypeError:  # unhashable cells (lists): hash their text
+            rows = pd.util.hash_pandas_object(frame.astype(str), index=False)
+        h.update(np.ascontiguousarray(rows.to_numpy()).tobytes())
+    for name, value in sorted((arrays or {}).items()):
+        value = np.ascontiguousarray(value)
+        h.update(f"{name}:{value.dtype}:{value.shape};".encode())
+        h.update(value.tobytes())
     return f"{kind}-{h.hexdigest()[:16]}"
 
 

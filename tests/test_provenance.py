@@ -242,3 +242,12 @@ def test_folders_of_an_older_qarm_are_accepted_without_the_check(run_dir: Path, 
     (codes / "quantize.json").write_text(json.dumps(meta))
     tables = ItemTables.build(ExampleSource.from_folder(reprepared), quantize_dir=codes)
     assert tables.vq is not None
+
+
+def test_a_prepare_run_again_has_the_same_digest_and_another_run_id(tmp_path: Path) -> None:
+    """Digests are of content (an identical re-run is accepted by every consumer); run ids are per run."""
+    options = {"n_items": 60, "n_users": 20, "n_interactions": 600}
+    prepare("synthetic", tmp_path / "a", loader_options=options)
+    prepare("synthetic", tmp_path / "b", loader_options=options)
+    a, b = record(tmp_path / "a" / "meta.json"), record(tmp_path / "b" / "meta.json")
+    assert a.digest == b.digest and a.run_id != b.run_id

@@ -143,7 +143,8 @@ def align_dataset(
         "evaluation": evaluation,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         provenance.BLOCK: provenance.Provenance(
-            run_id, provenance.file_digest("vectors", [out_dir / VECTORS_FILE]),
+            run_id, provenance.content_digest("vectors", arrays={"pretrained": result.pretrained,
+                                                                  "aligned": result.aligned}),
             provenance.made_from(dataset=provenance.of_dataset(dataset.meta.provenance))).to_json(),
     }
     write_json(out_dir / REPORT_JSON, report)

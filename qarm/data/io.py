@@ -28,7 +28,7 @@ from qarm.data.validate import validate_dataset
 from qarm.errors import DataError
 from qarm.paths import temporary
 
-DATA_FILES = (S.ITEMS_FILE, S.INTERACTIONS_FILE, S.USERS_FILE)  # what a dataset's digest covers
+DATA_FILES = (S.ITEMS_FILE, S.INTERACTIONS_FILE, S.USERS_FILE)  # each carries the prepare's run id
 REPREPARE = "prepare it again (qarm data prepare --overwrite)"
 
 
@@ -40,6 +40,9 @@ def save_dataset(dataset: Dataset, out_dir: str | Path, *, overwrite: bool = Fal
         raise DataError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
     dataset.meta.counts = dataset.compute_counts()
     run_id = provenance.new_run_id()
+    digest = provenance.content_digest(
+        "dataset", {"items": dataset.items, "interactions": dataset.interactions, "users": dataset.users},
+        dataset.item_vectors)
 
     def write(tmp: Path) -> None:
         _write_table(_items_table(dataset), tmp / S.ITEMS_FILE, run_id)
@@ -51,7 +54,6 @@ def save_dataset(dataset: Dataset, out_dir: str | Path, *, overwrite: bool = Fal
             for name, table in dataset.ground_truth.items():
                 _write_table(pa.Table.from_pandas(table, preserve_index=False),
                              tmp / S.GROUND_TRUTH_DIR / f"{name}.parquet", run_id)
-        digest = provenance.file_digest("dataset", [tmp / name for name in DATA_FILES])
         dataset.meta.provenance = provenance.Provenance(run_id, digest).to_json()
         write_json(tmp / S.META_FILE, dataset.meta.to_json())
 

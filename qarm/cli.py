@@ -14,7 +14,7 @@ from rich.markdown import Markdown
 from rich.markup import escape
 
 from qarm.config import from_dict, load_yaml
-from qarm.errors import ConfigError, QarmError
+from qarm.errors import ConfigError, DataError, QarmError
 from qarm.paths import check_output_folder
 
 if TYPE_CHECKING:
@@ -356,14 +356,18 @@ def codes_inspect(
     store: Annotated[str | None, typer.Option(help="Also check a code store: a SQLite file or redis://host:port/db.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of Markdown.")] = False,
 ) -> None:
-    """Code quality: utilisation, entropy, reconstruction error, collisions, category purity, ANN overlap."""
-    from qarm.quantize.api import inspect_codes, render_inspect_markdown
+    """Code quality: utilisation, entropy, reconstruction error, collisions, category purity, ANN overlap.
+    Exits 2 after the report when a file or the store does not match the folder's codes version."""
+    from qarm.quantize.api import inspect_codes, inspect_problems, render_inspect_markdown
 
     try:
         report = inspect_codes(folder, store=store)
     except QarmError as exc:
         _fail(exc)
     _show(report, as_json, render_inspect_markdown)
+    problems = inspect_problems(report)
+    if problems:
+        _fail(DataError("; ".join(problems)))
 
 
 @codes_app.command("publish")

@@ -434,6 +434,16 @@ def test_categories_from_json_lists(shop: Path):
     assert list(ds.items.category) == ["Electronics > Audio, Hi-Fi", "Comedy", "unknown", "unknown", "Home", "Toys"]
 
 
+def test_a_category_cell_that_is_an_object_is_refused(shop: Path):
+    items = pd.read_csv(shop / "items.csv")
+    with open(shop / "items.jsonl", "w") as f:
+        for k, record in enumerate(items.drop(columns="cat").to_dict("records")):
+            f.write(json.dumps({**record, "cat": {"name": "Audio"} if k == 2 else "Toys"}) + "\n")
+    edit(shop, "items", path="items.jsonl")
+    with pytest.raises(DataError, match=r"column 'cat': a category cell is a JSON object"):
+        load("generic", source=shop / "mapping.yaml")
+
+
 @pytest.mark.parametrize(("keys", "options", "message"), [
     ({"category_level": 0, "category_path_separator": ">"}, {}, r"category_level: must be an int >= 1"),
     ({"category_separator": " "}, {}, r"category_separator: must be a non-blank string"),

@@ -160,6 +160,15 @@ def _publish_mixed_codes_folder(run: Path, data2: Path, codes2: Path, tmp: Path)
     return ["codes", "publish", str(codes), "--to", str(tmp / "out")], expect, tmp / "out", [codes]
 
 
+def _inspect_mixed_codes_folder(run: Path, data2: Path, codes2: Path, tmp: Path) -> Any:
+    codes = tmp / "quantize"
+    shutil.copytree(run / "quantize", codes)
+    shutil.copyfile(codes2 / "codes.parquet", codes / "codes.parquet")
+    expect = [provenance.short(record(codes2 / "quantize.json").digest),
+              provenance.short(record(codes / "quantize.json").digest), "--overwrite"]
+    return ["codes", "inspect", str(codes)], expect, tmp / "out", [codes]
+
+
 def _ablate_with_codes_of_other_dataset(run: Path, data2: Path, codes2: Path, tmp: Path) -> Any:
     expect = [provenance.short(dataset_digest(run / "data")), provenance.short(dataset_digest(data2)), "--codes"]
     return (["ablate", str(data2), "--out", str(tmp / "out"), "--codes", str(run / "quantize"), "--vectors",
@@ -206,6 +215,7 @@ CASES: dict[str, Case] = {
     "train: --vectors of another dataset": _train_with_vectors_of_other_dataset,
     "train: --codes folder holding another run's codes.parquet": _train_with_mixed_codes_folder,
     "codes publish: folder holding another run's codes.parquet": _publish_mixed_codes_folder,
+    "codes inspect: folder holding another run's codes.parquet": _inspect_mixed_codes_folder,
     "ablate: --codes of another dataset": _ablate_with_codes_of_other_dataset,
     "replay: --codes of another dataset": _replay_with_codes_of_other_dataset,
     "train --warm-start: --codes of another dataset": _warm_start_with_codes_of_other_dataset,
@@ -222,7 +232,7 @@ def test_consumer_refuses_an_artifact_of_another_run(case: str, run_dir: Path, r
     before = tree(run_dir, *inputs)
     code, message = run_main(capsys, *args)
     assert code == 2, message
-    assert message.startswith("error:") and "Traceback" not in message
+    assert "error:" in message and "Traceback" not in message
     for text in expect:
         assert text in message, f"{text!r} not in {message!r}"
     assert not out.exists(), f"{out} was written"

@@ -383,11 +383,15 @@ def inspect_codes(out_dir: str | Path, *, store: CodeStore | str | Path | None =
         VQ_FILE: {"version": vq_meta.get("version"), "matches": vq_meta.get("version") == meta.get("vq_version")},
     }
     codes_path = out_dir / CODES_FILE
-    parquet_version = None
+    parquet_version = parquet_run = None
     if codes_path.exists():
         schema_meta = pq.read_schema(codes_path).metadata or {}
         parquet_version = schema_meta.get(b"qarm.codes_version", b"").decode() or None
-    files[CODES_FILE] = {"version": parquet_version, "matches": parquet_version == version}
+        parquet_run = schema_meta.get(provenance.RUN_ID_KEY.encode(), b"").decode() or None
+    made = provenance.read(out_dir / META_FILE)
+    same_run = parquet_run is None or made is None or parquet_run == made.run_id  # an older qarm: no run ids
+    files[CODES_FILE] = {"version": parquet_version, "matches": parquet_version == version and same_run,
+                         **({"run_id": parquet_run} if parquet_run else {})}
     try:
         quality = json.loads((out_dir / QUALITY_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -413,6 +417,21 @@ def inspect_codes(out_dir: str | Path, *, store: CodeStore | str | Path | None =
     }
     report["markdown"] = render_inspect_markdown(report)
     return report
+
+
+def inspect_problems(report: dict[str, Any]) -> list[str]:
+    """What an :func:`inspect_codes` report found wrong, one sentence each (empty: the folder is whole)."""
+    folder = report["folder"]
+    problems = [f"{folder}/{name} does not match {META_FILE} (version {entry['version']}"
+                + (f", run {entry['run_id'][:12]}" if entry.get("run_id") else "") + f", the folder's "
+                f"{report['codes_version']}): quantize again into it (qarm quantize ... --out {folder} --overwrite)"
+                for name, entry in report["files"].items() if not entry["matches"]]
+    store = report.get("store")
+    if store and not store["matches"]:
+        problems.append(f"the store {store['location']} holds codes version {store['version']}, the folder "
+                        f"{report['codes_version']}: publish the folder (qarm codes publish {folder} --to "
+                        f"{store['location']} --replace)")
+    return problems
 
 
 def render_inspect_markdown(report: dict[str, Any]) -> str:

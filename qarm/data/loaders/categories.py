@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from qarm.errors import ConfigError
+from qarm.errors import ConfigError, DataError
 
 UNKNOWN_CATEGORY = "unknown"
 
@@ -55,6 +55,9 @@ class CategoryRule:
 
     def category(self, cell: Any, where: str) -> str:
         """The category of one cell."""
+        if isinstance(cell, dict):
+            raise DataError(f"{where}: a category cell is a JSON object ({str(cell)[:60]}); a category must be text, "
+                            "a list of values or a list of paths")
         values = self._values(cell)
         if not values:
             return UNKNOWN_CATEGORY
@@ -103,7 +106,7 @@ def map_categories(cells: pd.Series, rule: CategoryRule, where: str) -> pd.Serie
     """One category string per cell (see :class:`CategoryRule`). Without a rule, a text cell is kept as it
     is (an empty cell is ``"unknown"``) and a list cell gives its first value."""
     if rule == CategoryRule():
-        plain = cells.map(lambda c: not isinstance(c, (list, tuple, np.ndarray)))
+        plain = cells.map(lambda c: not isinstance(c, (list, tuple, np.ndarray, dict)))
         if bool(plain.all()):
             return cells.fillna(UNKNOWN_CATEGORY).astype(str)
     return pd.Series([rule.category(cell, where) for cell in cells], index=cells.index, dtype=object)

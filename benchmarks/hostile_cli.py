@@ -365,8 +365,8 @@ def build_inputs(scratch: Path) -> None:
          "--set", "align.user2item.epochs=1", "--set", "align.tsne_sample=0", "--set", "quantize.rq.codebook_size=8",
          "--set", "quantize.vq.k=5", "--set", "rank.train.max_steps=6"],
     ]
-    steps.append(["quantize", "inputs/align", "--out", "inputs/quantize_pretrained", "--vectors", "pretrained",
-                  "--set", "rq.codebook_size=8", "--set", "vq.k=5"])
+    steps.append(["quantize", "inputs/align", "--out", "inputs/quantize_seed1", "--set", "rq.seed=1",
+                  "--set", "rq.codebook_size=8", "--set", "vq.k=5"])  # the same shapes, other codes
     steps.append(["data", "prepare", "--dataset", "synthetic", "--out", "inputs/data2", *SMALL,  # same catalogue,
                   "--set", "split.seed=1", "--set", "negatives.seed=1"])                      # other split
     for args in steps:
@@ -403,7 +403,7 @@ def build_mismatched(inputs: Path) -> None:
     (stale / "align" / "align_report.json").write_text(json.dumps(report))
     shutil.copytree(inputs / "run", stale / "run", ignore=shutil.ignore_patterns("models", "cache"))
     shutil.rmtree(stale / "run" / "quantize")
-    shutil.copytree(inputs / "quantize_pretrained", stale / "run" / "quantize")  # codes of other vectors
+    shutil.copytree(inputs / "quantize_seed1", stale / "run" / "quantize")  # codes of another quantize run
 
 
 def main(argv: list[str] | None = None) -> int:

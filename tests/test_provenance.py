@@ -105,7 +105,7 @@ def _align_on_mixed_dataset(run: Path, data2: Path, codes2: Path, tmp: Path) -> 
     shutil.copytree(run / "data", data)
     shutil.copyfile(data2 / "interactions.parquet", data / "interactions.parquet")
     expect = [record(data2 / "meta.json").run_id[:12], record(data / "meta.json").run_id[:12],
-              "qarm data prepare --overwrite"]
+              "qarm data prepare", "--overwrite"]
     return ["align", str(data), "--out", str(tmp / "out")], expect, tmp / "out", [data]
 
 
@@ -188,6 +188,12 @@ def _warm_start_with_codes_of_other_dataset(run: Path, data2: Path, codes2: Path
              "--codes", str(run / "quantize"), "--vectors", str(run / "align")], expect, tmp / "out", [data2])
 
 
+def _warm_start_from_a_run_folder_with_codes_of_other_dataset(run: Path, data2: Path, codes2: Path, tmp: Path) -> Any:
+    expect = [provenance.short(dataset_digest(run / "data")), provenance.short(dataset_digest(data2)), "--codes"]
+    return (["train", str(data2), "--out", str(tmp / "out"), "--warm-start", str(run), "--window", ":",
+             "--codes", str(run / "quantize"), "--vectors", str(run / "align")], expect, tmp / "out", [data2])
+
+
 def _export_run_whose_codes_were_replaced(run: Path, data2: Path, codes2: Path, tmp: Path) -> Any:
     copy = tmp / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("models", "cache"))
@@ -219,6 +225,7 @@ CASES: dict[str, Case] = {
     "ablate: --codes of another dataset": _ablate_with_codes_of_other_dataset,
     "replay: --codes of another dataset": _replay_with_codes_of_other_dataset,
     "train --warm-start: --codes of another dataset": _warm_start_with_codes_of_other_dataset,
+    "train --warm-start RUN_FOLDER: --codes of another dataset": _warm_start_from_a_run_folder_with_codes_of_other_dataset,
     "export: run whose quantize folder was replaced": _export_run_whose_codes_were_replaced,
     "export: run whose dataset was prepared again": _export_run_whose_dataset_was_prepared_again,
 }

@@ -237,7 +237,9 @@ def _parquet_bytes(frame: pd.DataFrame, run_id: str) -> bytes:
     return buffer.getvalue()
 
 
-REALIGN = "align again into it (qarm align DATA --out ALIGN --fresh)"
+def realign(align_dir: str | Path) -> str:
+    """The fix for an align folder that mixes runs or was made from another dataset."""
+    return f"align again into it (qarm align DATA --out {align_dir} --fresh)"
 
 
 def check_align_folder(align_dir: str | Path, dataset: provenance.Provenance | None = None,
@@ -249,7 +251,7 @@ def check_align_folder(align_dir: str | Path, dataset: provenance.Provenance | N
     :class:`~qarm.provenance.ProvenanceMismatch`, whose message ends with ``fix``)."""
     align_dir = Path(align_dir)
     made = provenance.check_folder(align_dir / REPORT_JSON, [align_dir / VECTORS_FILE, align_dir / PAIRS_FILE],
-                                   REALIGN)
+                                   realign(align_dir))
     provenance.check_made_from(align_dir, made, "dataset", dataset_label, dataset, fix)
     return made
 
@@ -258,5 +260,5 @@ def made_from_align(align_dir: str | Path, dataset: Dataset, dataset_dir: str | 
     """``made_from`` of a folder made from an align folder's vectors (qarm quantize), after checking that the
     align folder is whole and was aligned on ``dataset`` as it is now (read from ``dataset_dir``)."""
     upstream = provenance.of_dataset(dataset.meta.provenance)
-    made = check_align_folder(align_dir, upstream, f"the dataset folder {dataset_dir}", fix=REALIGN)
+    made = check_align_folder(align_dir, upstream, f"the dataset folder {dataset_dir}", fix=realign(align_dir))
     return provenance.made_from(dataset=upstream, vectors=made)

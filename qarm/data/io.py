@@ -29,7 +29,6 @@ from qarm.errors import DataError
 from qarm.paths import temporary
 
 DATA_FILES = (S.ITEMS_FILE, S.INTERACTIONS_FILE, S.USERS_FILE)  # each carries the prepare's run id
-REPREPARE = "prepare it again (qarm data prepare --overwrite)"
 
 
 def save_dataset(dataset: Dataset, out_dir: str | Path, *, overwrite: bool = False) -> Path:
@@ -84,7 +83,7 @@ def load_dataset(path: str | Path, *, validate: bool = True, ground_truth: bool 
     for name, table in tables.items():  # every file of the folder comes from the prepare that wrote meta.json
         run_id = (table.schema.metadata or {}).get(provenance.RUN_ID_KEY.encode())
         provenance.check_run_id(path / name, run_id.decode("utf-8", "replace") if run_id else None, meta_path, made,
-                                REPREPARE)
+                                f"prepare it again (qarm data prepare ... --out {path} --overwrite)")
     items, vectors = _split_vectors(tables[S.ITEMS_FILE], path / S.ITEMS_FILE)
     dataset = Dataset(
         items=items,

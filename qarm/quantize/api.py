@@ -410,6 +410,7 @@ def inspect_codes(out_dir: str | Path, *, store: CodeStore | str | Path | None =
     report = {
         "folder": str(out_dir),
         "codes_version": version,
+        "run_id": None if made is None else made.run_id,
         "files": files,
         "store": store_info,
         "quality": quality,
@@ -422,9 +423,10 @@ def inspect_codes(out_dir: str | Path, *, store: CodeStore | str | Path | None =
 def inspect_problems(report: dict[str, Any]) -> list[str]:
     """What an :func:`inspect_codes` report found wrong, one sentence each (empty: the folder is whole)."""
     folder = report["folder"]
-    problems = [f"{folder}/{name} does not match {META_FILE} (version {entry['version']}"
-                + (f", run {entry['run_id'][:12]}" if entry.get("run_id") else "") + f", the folder's "
-                f"{report['codes_version']}): quantize again into it (qarm quantize ... --out {folder} --overwrite)"
+    recorded = f"version {report['codes_version']}" + (f", run {report['run_id'][:12]}" if report.get("run_id") else "")
+    problems = [f"{folder}/{name} does not match {META_FILE} (the file: version {entry['version']}"
+                + (f", run {entry['run_id'][:12]}" if entry.get("run_id") else "") + f"; {META_FILE}: {recorded}): "
+                f"quantize again into it (qarm quantize ... --out {folder} --overwrite)"
                 for name, entry in report["files"].items() if not entry["matches"]]
     store = report.get("store")
     if store and not store["matches"]:
@@ -483,7 +485,8 @@ def read_codes(out_dir: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
             raise DataError(f"{path} holds codes of version {recorded}, but {meta_path} records {expected}: the folder "
                             "mixes two quantize runs; quantize again into it (qarm quantize --overwrite)")
     file_run = (table.schema.metadata or {}).get(provenance.RUN_ID_KEY.encode(), b"").decode() or None
-    provenance.check_run_id(path, file_run, meta_path, provenance.read(meta_path), REQUANTIZE)
+    provenance.check_run_id(path, file_run, meta_path, provenance.read(meta_path),
+                            f"quantize again into it (qarm quantize ... --out {out_dir} --overwrite)")
     names = table.column_names
     ids = table.column("item_id").to_numpy().astype(np.int64)
     codes = {}
@@ -491,9 +494,6 @@ def read_codes(out_dir: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         cols = sorted((c for c in names if c.startswith(prefix + "_")), key=lambda c: int(c.split("_")[1]))
         codes[prefix] = np.stack([table.column(c).to_numpy() for c in cols], axis=1).astype(np.int64)
     return ids, codes
-
-
-REQUANTIZE = "quantize again into it (qarm quantize ... --out QUANTIZE --overwrite)"
 
 
 def check_quantize_folder(out_dir: str | Path, dataset: provenance.Provenance | None, dataset_label: str, *,

@@ -231,7 +231,7 @@ def read_last_model(path: str | Path) -> LastModel:
         bundle = load_bundle(folder)
         return LastModel(folder, bundle.manifest["ranking_config"], dict(bundle.weights),
                          np.asarray(bundle.arrays["id_index"]), None, bundle.codes_version, None)
-    if not (path / "report.json").exists():
+    if not ((path / "report.json").exists() and (path / "train").is_dir()):  # a `qarm run` folder: its QARM row
         from qarm.serve.bundle import find_run
 
         path = find_run(path).run_dir

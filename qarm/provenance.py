@@ -122,6 +122,29 @@ def content_digest(kind: str, frames: dict[str, Any] | None = None, arrays: dict
     return f"{kind}-{h.hexdigest()[:16]}"
 
 
+def source_fingerprint(source: str | Path) -> str | None:
+    """``source-<16 hex>`` of a dataset's original files (a file or a folder): their relative names, sizes and
+    the SHA-256 of their first and last MiB (bounded cost on multi-GB sources). None when ``source`` is not
+    a readable file or folder (generated data)."""
+    root = Path(source)
+    try:
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root] if root.is_file() else []
+        if not files:
+            return None
+        h = hashlib.sha256(b"source\0")
+        for path in files:
+            size = path.stat().st_size
+            h.update(f"{path.relative_to(root) if root.is_dir() else path.name}:{size};".encode())
+            with open(path, "rb") as f:
+                h.update(f.read(_CHUNK))
+                if size > 2 * _CHUNK:
+                    f.seek(size - _CHUNK)
+                    h.update(f.read(_CHUNK))
+    except OSError:
+        return None
+    return f"source-{h.hexdigest()[:16]}"
+
+
 def read(manifest: Path) -> Provenance | None:
     """The provenance block of a stage's JSON manifest; None when the file or the block is absent."""
     if not manifest.is_file():

@@ -31,8 +31,10 @@ from qarm.paths import temporary
 DATA_FILES = (S.ITEMS_FILE, S.INTERACTIONS_FILE, S.USERS_FILE)  # each carries the prepare's run id
 
 
-def save_dataset(dataset: Dataset, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Validate ``dataset`` and write it to ``out_dir`` atomically. Returns the folder."""
+def save_dataset(dataset: Dataset, out_dir: str | Path, *, overwrite: bool = False,
+                 made_from: dict[str, str] | None = None) -> Path:
+    """Validate ``dataset`` and write it to ``out_dir`` atomically. Returns the folder. ``meta.provenance``
+    records a new run id, the content digest and ``made_from`` (e.g. the source files' fingerprint)."""
     out_dir = Path(out_dir)
     validate_dataset(dataset)
     if out_dir.exists() and not overwrite:
@@ -53,7 +55,7 @@ def save_dataset(dataset: Dataset, out_dir: str | Path, *, overwrite: bool = Fal
             for name, table in dataset.ground_truth.items():
                 _write_table(pa.Table.from_pandas(table, preserve_index=False),
                              tmp / S.GROUND_TRUTH_DIR / f"{name}.parquet", run_id)
-        dataset.meta.provenance = provenance.Provenance(run_id, digest).to_json()
+        dataset.meta.provenance = provenance.Provenance(run_id, digest, dict(made_from or {})).to_json()
         write_json(tmp / S.META_FILE, dataset.meta.to_json())
 
     atomic_directory(out_dir, write)

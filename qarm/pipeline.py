@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qarm import __version__
+from qarm import __version__, provenance
 from qarm.align.contrastive import AlignConfig
 from qarm.align.stage import AlignStageConfig, align_dataset, made_from_align, read_aligned_vectors
 from qarm.align.user2item import User2ItemConfig
@@ -185,6 +185,8 @@ def run_pipeline(config: RunConfig, out: str | Path, *, fresh: bool = False, log
         "codes": quantize_quality,
         "ranking": ranking,
         "serving": {"models_dir": str(models_dir), "version": current_version(models_dir)},
+        provenance.BLOCK: provenance.Provenance(provenance.new_run_id(), "", provenance.made_from_folders(
+            dataset=data_dir, vectors=align_dir, codes=quantize_dir)).to_json(),
     }
     report["seconds"]["report"] = round(time.perf_counter() - start, 2)
     write_json(out / "report.json", report)

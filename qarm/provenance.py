@@ -145,6 +145,16 @@ def source_fingerprint(source: str | Path) -> str | None:
     return f"source-{h.hexdigest()[:16]}"
 
 
+MANIFESTS = {"dataset": "meta.json", "vectors": "align_report.json", "codes": "quantize.json"}  # kind -> file
+
+
+def made_from_folders(**folders: str | Path | None) -> dict[str, str]:
+    """``made_from`` of a folder made from the stage folders given by kind (``dataset=``, ``vectors=``,
+    ``codes=``; None: not used), read from their manifests (:data:`MANIFESTS`)."""
+    return made_from(**{kind: read(Path(folder) / MANIFESTS[kind]) for kind, folder in folders.items()
+                        if folder is not None})
+
+
 def read(manifest: Path) -> Provenance | None:
     """The provenance block of a stage's JSON manifest; None when the file or the block is absent."""
     if not manifest.is_file():

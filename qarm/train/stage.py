@@ -86,16 +86,10 @@ def run_provenance(run_id: str, out_dir: Path, source: ExampleSource, quantize_d
                    align_dir: str | Path | None, **more: provenance.Provenance | None) -> provenance.Provenance:
     """A ranking run's record (:mod:`qarm.provenance`): its best weights' digest, and the dataset, codes and
     vectors (and ``more``, e.g. the last model of a warm start) it was trained from."""
-    from qarm.align.stage import REPORT_JSON as ALIGN_REPORT
-    from qarm.quantize.api import META_FILE as QUANTIZE_META
-
     best = out_dir / TRAIN_DIR / BEST_FILE
     return provenance.Provenance(run_id, provenance.file_digest("model", [best]) if best.is_file() else "",
-                                 provenance.made_from(
-                                     dataset=source.provenance,
-                                     codes=None if quantize_dir is None else provenance.read(Path(quantize_dir) / QUANTIZE_META),
-                                     vectors=None if align_dir is None else provenance.read(Path(align_dir) / ALIGN_REPORT),
-                                     **more))
+                                 {**provenance.made_from(dataset=source.provenance, **more),
+                                  **provenance.made_from_folders(codes=quantize_dir, vectors=align_dir)})
 
 
 def run_flags(report: dict[str, Any]) -> list[str]:

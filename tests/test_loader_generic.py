@@ -445,11 +445,12 @@ def test_a_category_cell_that_is_an_object_is_refused(shop: Path):
 
 
 @pytest.mark.parametrize(("keys", "options", "message"), [
-    ({"category_level": 0, "category_path_separator": ">"}, {}, r"category_level: must be an int >= 1"),
-    ({"category_separator": " "}, {}, r"category_separator: must be a non-blank string"),
+    ({"category_level": 0, "category_path_separator": ">"}, {}, r"items: category_level must be an int >= 1"),
+    ({"category_separator": " "}, {}, r"items: category_separator must be a non-blank string"),
     ({"category_separator": "|", "category_path_separator": "|"}, {}, r"both '\|'"),
     ({"category_level": 2}, {}, r"category_level is set but not category_path_separator"),
     ({}, {"category_level": "x"}, r"category_level"),
+    ({"category_path_separator": ">"}, {"category_level": -1}, r"--set category_level=-1: category_level must be"),
 ])
 def test_category_options_are_checked(shop: Path, keys: dict, options: dict, message: str):
     _with_categories(shop, CATEGORY_CELLS, **keys)

@@ -34,14 +34,14 @@ class CategoryRule:
     def check(self, where: str) -> None:
         for name, value in (("category_separator", self.separator), ("category_path_separator", self.path_separator)):
             if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise ConfigError(f"{where}.{name}: must be a non-blank string such as '|' or '>', got {value!r}")
+                raise ConfigError(f"{where}: {name} must be a non-blank string such as '|' or '>', got {value!r}")
         if self.separator is not None and self.separator == self.path_separator:
             raise ConfigError(f"{where}: category_separator and category_path_separator are both "
                               f"{self.separator!r}; a cell could not be read")
         if self.level is not None and (isinstance(self.level, bool) or not isinstance(self.level, int)
                                        or self.level < 1):
-            raise ConfigError(f"{where}.category_level: must be an int >= 1 (1: the top level), or absent for the "
-                              f"full path; got {self.level!r} (--set category_level=N)")
+            raise ConfigError(f"{where}: category_level must be an int >= 1 (1: the top level), or absent for the "
+                              f"full path; got {self.level!r}")
 
     def describe(self) -> str | None:
         """A note for ``meta.notes`` (None when cells are taken as they are)."""

@@ -128,6 +128,7 @@ def load_generic(source: Path, config: GenericConfig) -> Dataset:
     if config.category_level is not None:
         if mapping.items is None or mapping.items.category is None:
             raise ConfigError(f"--set category_level={config.category_level}: {mapping_path} maps no items.category")
+        CategoryRule(level=config.category_level).check(f"--set category_level={config.category_level}")
         mapping.items.category_level = config.category_level
     rules = check_mapping(mapping, mapping_path)
     folder = mapping_path.parent

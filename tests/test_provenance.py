@@ -92,8 +92,9 @@ def test_every_stage_records_a_run_id_in_its_manifest_and_files(run_dir: Path) -
         made = record(run / "report.json")
         assert made.made_from["dataset"] == data.digest and made.digest.startswith("model-")
         assert provenance.parquet_run_id(run / "predictions.parquet") == made.run_id
-    models = run_dir / "models" / "versions"
-    bundle = record(next(models.iterdir()) / "bundle.json")
+    from qarm.serve.bundle import current_version
+
+    bundle = record(run_dir / "models" / "versions" / str(current_version(run_dir / "models")) / "bundle.json")
     assert bundle.made_from["codes"] == codes.digest and bundle.made_from["vectors"] == align.digest
 
 

@@ -1,7 +1,7 @@
 """Hostile and careless input to every CLI command, as a new user would give it: classify each outcome.
 
     python benchmarks/hostile_cli.py                      # writes benchmarks/results/hostile_cli.{json,md}
-    python benchmarks/hostile_cli.py --only config        # one class of cases
+    python benchmarks/hostile_cli.py --only provenance,category   # some groups only (--name to keep the full results)
 
 Each case runs ``qarm ...`` as a subprocess (the real entry point, its error boundary included) in a
 scratch folder, with a time limit, and is classified:
@@ -10,7 +10,12 @@ scratch folder, with a time limit, and is classified:
 * ``traceback``: a Python traceback on the output (a bug, whatever the exit code);
 * ``accepted``: exit 0. For these inputs that is a silent acceptance unless the case says it is fine
   (``ok_if_accepted``), e.g. an ``--out`` that merely does not exist yet;
-* ``timeout``: the command did not end within its limit.
+* ``timeout``: the command did not end within its limit;
+* ``left output``: refused, but the output the case names was created.
+
+Groups: config files, ``--set`` values, input and output folders, stores, ``provenance`` (another run's
+artifact where this run's belongs, once per consumer: the refusal must name both digests) and ``category``
+(multi-valued and hierarchical category cells and their options in the generic loader).
 
 Inputs are never the project's files: the script prepares, aligns and quantizes a tiny synthetic dataset
 in the scratch folder first, and checks after every case that those inputs are byte-identical (a case that
@@ -51,6 +56,7 @@ class Case:
     writes_inside: str | None = None  # a fixture this case may write into by design (then not "damaged input")
     timeout: float = 120.0
     files: dict[str, bytes] = field(default_factory=dict)  # scratch files to write first (relative path)
+    out: str | None = None  # the output a refused case must not have created ("left output" otherwise)
 
 
 def qarm_command() -> list[str]:
@@ -230,6 +236,121 @@ def cases(scratch: Path) -> list[Case]:
                             "SQLite under a file": "afile.txt/live.sqlite", "SQLite is a folder": "inputs",
                             "not a URL": "redis://"}.items():
             out.append(Case("store", stage, name, make(store), timeout=90))
+    out += provenance_cases()
+    out += category_cases()
+    return out
+
+
+def provenance_cases() -> list[Case]:
+    """Another run's artifact where this run's belongs, once per consumer (fixtures: build_inputs)."""
+    data, align, codes, data2 = "inputs/data", "inputs/align", "inputs/quantize", "inputs/data2"
+    run_last = "inputs/run"
+    table = {
+        ("describe", "dataset folder holding another prepare's interactions"): ["data", "describe", "inputs/mixed/data"],
+        ("align", "dataset folder holding another prepare's interactions"): ["align", "inputs/mixed/data", "--out", "o/p"],
+        ("quantize", "align folder holding another run's vectors"): ["quantize", "inputs/mixed/align", "--out", "o/p"],
+        ("quantize", "align folder whose dataset was prepared again"): ["quantize", "inputs/stale/align", "--out", "o/p"],
+        ("train", "--codes of another dataset"): ["train", data2, "--out", "o/p", "--codes", codes],
+        ("train", "--vectors of another dataset"): ["train", data2, "--out", "o/p", "--model", "baseline",
+                                                    "--vectors", align],
+        ("train", "--codes folder holding another run's codes.parquet"): ["train", data, "--out", "o/p", "--codes",
+                                                                          "inputs/mixed/quantize"],
+        ("train --warm-start", "--codes of another dataset"): ["train", data2, "--out", "o/p", "--warm-start",
+                                                               run_last, "--window", ":", "--codes",
+                                                               f"{run_last}/quantize", "--vectors", f"{run_last}/align"],
+        ("ablate", "--codes and --vectors of another dataset"): ["ablate", data2, "--out", "o/p", "--codes", codes,
+                                                                 "--vectors", align],
+        ("leaderboard", "--codes and --vectors of another dataset"): ["leaderboard", data2, "--out", "o/p", "--codes",
+                                                                      codes, "--vectors", align],
+        ("replay", "--codes of another dataset"): ["replay", data2, "--out", "o/p", "--codes", codes],
+        ("codes inspect", "folder holding another run's codes.parquet"): ["codes", "inspect", "inputs/mixed/quantize"],
+        ("codes publish", "folder holding another run's codes.parquet"): ["codes", "publish", "inputs/mixed/quantize",
+                                                                          "--to", "o/p.sqlite"],
+        ("export", "run whose quantize folder was replaced"): ["export", "inputs/stale/run", "--to", "o/p"],
+    }
+    return [Case("provenance", stage, name, args, timeout=120, out=_output_of(args)) for (stage, name), args in
+            table.items()]
+
+
+def _output_of(args: list[str]) -> str | None:
+    for flag in ("--out", "--to"):
+        if flag in args:
+            return args[args.index(flag) + 1]
+    return None
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "generic"
+CATEGORY_CELLS = ["Electronics > Audio > Headphones|Gifts", "Books, Music & More > Fiction", "Comedy|Drama", "",
+                  " > Audio", "Toys"]
+
+
+def _shop_files(folder: str, items: dict[str, str], cells: list[object] | None = None, *, jsonl: bool = False
+                ) -> dict[str, bytes]:
+    """A copy of examples/generic under ``folder`` with its items' category cells replaced and ``items`` keys
+    added to the mapping."""
+    import csv
+    import io
+
+    import yaml
+
+    rows = list(csv.DictReader(io.StringIO((EXAMPLE / "items.csv").read_text())))
+    mapping = yaml.safe_load((EXAMPLE / "mapping.yaml").read_text())
+    mapping["items"].update(items)
+    files = {f"{folder}/events.csv": (EXAMPLE / "events.csv").read_bytes()}
+    values = cells if cells is not None else CATEGORY_CELLS
+    if jsonl:
+        mapping["items"]["path"] = "items.jsonl"
+        files[f"{folder}/items.jsonl"] = "".join(json.dumps({**r, "cat": v}) + "\n"
+                                                 for r, v in zip(rows, values)).encode()
+    else:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "cat": v} for r, v in zip(rows, values))
+        files[f"{folder}/items.csv"] = buffer.getvalue().encode()
+    files[f"{folder}/mapping.yaml"] = yaml.safe_dump(mapping).encode()
+    return files
+
+
+def category_cases() -> list[Case]:
+    """Multi-valued and hierarchical category cells and their options, through `qarm data prepare`."""
+    paths = {"category_separator": "|", "category_path_separator": ">"}
+    table: dict[str, tuple[dict[str, object], list[str], list[object] | None, bool, bool]] = {
+        # name: (mapping keys, extra --set, cells, jsonl, fine when accepted)
+        "separator and path, full path": (paths, [], None, False, True),
+        "separator and path, level 1": ({**paths, "category_level": 1}, [], None, False, True),
+        "--set category_level=2": (paths, ["--set", "category_level=2"], None, False, True),
+        "JSON lists of values and of paths": ({"category_level": 2}, [],
+                                              [[["Electronics", "Audio, Hi-Fi"]], ["Comedy", "Drama"], [], None,
+                                               [["Home"]], ["Toys"]], True, True),
+        "every cell empty": (paths, [], ["", "", "", "", "", ""], False, True),
+        "level 0": ({**paths, "category_level": 0}, [], None, False, False),
+        "--set category_level=-1": (paths, ["--set", "category_level=-1"], None, False, False),
+        "--set category_level=lots": (paths, ["--set", "category_level=lots"], None, False, False),
+        "--set category_level=1.5": (paths, ["--set", "category_level=1.5"], None, False, False),
+        "level without a path separator": ({"category_level": 2}, [], None, False, False),
+        "a blank separator": ({"category_separator": " "}, [], None, False, False),
+        "the same separator twice": ({"category_separator": "|", "category_path_separator": "|"}, [], None, False,
+                                     False),
+        "a separator that is a list": ({"category_separator": ["|"]}, [], None, False, False),
+        "a JSON object as a cell": ({}, [], [{"name": "Audio"}, "Toys", "Toys", "Toys", "Toys", "Toys"], True, False),
+        "separator without a category column": ({"category": None, "category_separator": "|"}, [], None, False,
+                                                False),
+    }
+    out = []
+    for k, (name, (keys, sets, cells, jsonl, fine)) in enumerate(table.items()):
+        folder = f"cat{k}"
+        mapping_keys = {key: value for key, value in keys.items() if not (key == "category" and value is None)}
+        files = _shop_files(folder, mapping_keys, cells, jsonl=jsonl)
+        if keys.get("category", "") is None:  # drop the category column from the mapping
+            import yaml
+
+            mapping = yaml.safe_load(files[f"{folder}/mapping.yaml"])
+            mapping["items"].pop("category", None)
+            files[f"{folder}/mapping.yaml"] = yaml.safe_dump(mapping).encode()
+        out.append(Case("category", "prepare --dataset generic", name,
+                        ["data", "prepare", "--dataset", "generic", "--source", folder, "--out", f"o/{folder}", *sets],
+                        ok_if_accepted=fine, files=files, out=None if fine else f"o/{folder}", timeout=60))
     return out
 
 
@@ -244,10 +365,15 @@ def build_inputs(scratch: Path) -> None:
          "--set", "align.user2item.epochs=1", "--set", "align.tsne_sample=0", "--set", "quantize.rq.codebook_size=8",
          "--set", "quantize.vq.k=5", "--set", "rank.train.max_steps=6"],
     ]
+    steps.append(["quantize", "inputs/align", "--out", "inputs/quantize_seed1", "--set", "rq.seed=1",
+                  "--set", "rq.codebook_size=8", "--set", "vq.k=5"])  # the same shapes, other codes
+    steps.append(["data", "prepare", "--dataset", "synthetic", "--out", "inputs/data2", *SMALL,  # same catalogue,
+                  "--set", "split.seed=1", "--set", "negatives.seed=1"])                      # other split
     for args in steps:
         code, output, _ = run(args, scratch, 900)
         if code != 0:
             raise SystemExit(f"building the inputs failed: qarm {' '.join(args)}\n{output[-2000:]}")
+    build_mismatched(inputs)
     (scratch / "afile.txt").write_text("a file, not a folder\n")
     (scratch / "empty").mkdir()
     broken = scratch / "broken"
@@ -260,9 +386,29 @@ def build_inputs(scratch: Path) -> None:
     assert inputs.exists()
 
 
+def build_mismatched(inputs: Path) -> None:
+    """Folders holding another run's artifact (the provenance cases): ``mixed/`` a file of another run copied
+    in, ``stale/`` a folder whose upstream was made again since."""
+    skip = shutil.ignore_patterns("cache", "train")
+    mixed, stale = inputs / "mixed", inputs / "stale"
+    shutil.copytree(inputs / "data", mixed / "data")
+    shutil.copyfile(inputs / "data2" / "interactions.parquet", mixed / "data" / "interactions.parquet")
+    shutil.copytree(inputs / "align", mixed / "align", ignore=skip)
+    shutil.copyfile(inputs / "run" / "align" / "vectors.safetensors", mixed / "align" / "vectors.safetensors")
+    shutil.copytree(inputs / "quantize", mixed / "quantize")
+    shutil.copyfile(inputs / "run" / "quantize" / "codes.parquet", mixed / "quantize" / "codes.parquet")
+    shutil.copytree(inputs / "align", stale / "align", ignore=skip)
+    report = json.loads((stale / "align" / "align_report.json").read_text())
+    report["dataset"]["path"] = str((inputs / "data2").resolve())  # the dataset was prepared again since
+    (stale / "align" / "align_report.json").write_text(json.dumps(report))
+    shutil.copytree(inputs / "run", stale / "run", ignore=shutil.ignore_patterns("models", "cache"))
+    shutil.rmtree(stale / "run" / "quantize")
+    shutil.copytree(inputs / "quantize_seed1", stale / "run" / "quantize")  # codes of another quantize run
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=None, help="one group: 'config file', '--set', 'input folder', ...")
+    parser.add_argument("--only", default=None, help="groups, comma-separated: 'config file', '--set', 'provenance', ...")
     parser.add_argument("--name", default="hostile_cli")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -277,9 +423,10 @@ def main(argv: list[str] | None = None) -> int:
         protected = {p: _fingerprint(scratch / p) for p in fixtures}
         silent, stop = silent_redis()
         rows = []
-        all_cases = [c for c in cases(scratch) if args.only is None or c.group == args.only]
+        all_cases = [c for c in cases(scratch) if args.only is None or c.group in args.only.split(",")]
         for k, case in enumerate(all_cases, start=1):
             for rel, content in case.files.items():
+                (scratch / rel).parent.mkdir(parents=True, exist_ok=True)
                 (scratch / rel).write_bytes(content)
             argv_case = [silent if a == "SILENT" else a for a in case.args]
             code, output, seconds = run(argv_case, scratch, case.timeout)
@@ -290,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
                 outcome = "accepted (fine)"  # written where the command writes by design; restored below
             elif damaged:
                 outcome = "damaged input"
+            if case.out is not None and outcome == "clear error" and (scratch / case.out).exists():
+                outcome = "left output"  # refused, but something was written
             if damaged:
                 for p in damaged:  # restore the fixture for the next case
                     target = scratch / p
@@ -306,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             for name in ("o",):
                 shutil.rmtree(scratch / name, ignore_errors=True)
+            for rel in case.files:  # a case's own scratch files go with it
+                folder = scratch / Path(rel).parts[0]
+                if folder != scratch / rel and folder.is_dir():
+                    shutil.rmtree(folder, ignore_errors=True)
         stop.set()
         shutil.rmtree(pristine, ignore_errors=True)
     counts = Counter(r["outcome"] for r in rows)

@@ -14,7 +14,7 @@ from rich.markdown import Markdown
 from rich.markup import escape
 
 from qarm.config import from_dict, load_yaml
-from qarm.errors import ConfigError, QarmError
+from qarm.errors import ConfigError, DataError, QarmError
 from qarm.paths import check_output_folder
 
 if TYPE_CHECKING:
@@ -37,6 +37,12 @@ ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", help="YAML file with sections 'loader', 'split', 'negatives'."),
 ]
+
+
+def say(message: str) -> None:
+    """One progress or result line on stderr, printed as it is: never read as rich markup, never wrapped
+    or cut to the terminal's width (a path or a number stays whole, and greppable)."""
+    console.print(message, highlight=False, markup=False, soft_wrap=True)
 
 
 def _error_line(message: str) -> None:
@@ -65,9 +71,13 @@ def show_markdown(text: str) -> None:
     out = Console()
     widest = max((len(line) for line in text.splitlines() if line.startswith("|")), default=0)
     if out.is_terminal and widest <= out.width:
-        out.print(Markdown(text))
-    else:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        with out.capture() as captured:
+            out.print(Markdown(text))
+        rendered = captured.get()
+        if "…" not in rendered or "…" in text:  # rich cut nothing to fit
+            sys.stdout.write(rendered)
+            return
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
 
 def _prepared_name(folder: Path) -> str:
@@ -90,8 +100,8 @@ def _clean_failed_run(out: Path, created: bool) -> None:
     if not created or not out.exists():
         return
     if (out / STAGES_FILE).exists():
-        console.print(f"note: kept {out}: its finished stages are reused by the next `qarm run --out {out}` "
-                      "(delete the folder to start clean)", highlight=False, markup=False)
+        say(f"note: kept {out}: its finished stages are reused by the next `qarm run --out {out}` "
+            "(delete the folder to start clean)")
         return
     shutil.rmtree(out, ignore_errors=True)
 
@@ -191,13 +201,13 @@ def run(
         _fail(exc)
     created = not out.exists()
     try:
-        run_pipeline(run_config, out, fresh=fresh, log=lambda msg: console.print(msg, highlight=False, markup=False))
+        run_pipeline(run_config, out, fresh=fresh, log=say)
     except BaseException as exc:
         _clean_failed_run(out, created)
         if isinstance(exc, QarmError):
             _fail(exc)
         raise
-    console.print(f"report: {out / 'report.md'}")
+    say(f"report: {out / 'report.md'}")
     show_markdown((out / "report.md").read_text())
 
 
@@ -233,7 +243,7 @@ def data_prepare(
                                         config=prepare_config, overwrite=overwrite)
     except QarmError as exc:
         _fail(exc)
-    console.print(f"wrote {path} (" + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) + ")")
+    say(f"wrote {path} (" + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) + ")")
     show_markdown(render_markdown(describe_with_probe(ds)))
 
 
@@ -270,7 +280,7 @@ def align(
         stage_config = from_dict(AlignStageConfig, merge(data_cfg, parse_sets(set_)), where="align config")
         check_output_folder(out, {"dataset folder": data})
         align_dataset(data, out, stage_config, resume=not fresh,
-                      log=lambda msg: console.print(msg, highlight=False, markup=False))
+                      log=say)
     except QarmError as exc:
         _fail(exc)
     show_markdown((out / "align_report.md").read_text())
@@ -302,20 +312,19 @@ def quantize(
     """VQ (top-K neighbour) and RQ (residual k-means) codes for every item, with a quality report."""
     from qarm.quantize.api import quantize_dataset, quantize_items
 
-    log = lambda msg: console.print(msg, highlight=False, markup=False)  # noqa: E731
     try:
         quantize_config = _quantize_config(config, set_)
         check_output_folder(out, {"input folder": data})
         if (data / "align_report.json").exists():
             item_vectors, item_ids, categories, inputs = _align_folder_vectors(data, vectors or "aligned")
             summary = quantize_items(item_vectors, item_ids, out, quantize_config, categories=categories,
-                                     overwrite=overwrite, log=log, progress=True, inputs=inputs)
+                                     overwrite=overwrite, log=say, progress=True, inputs=inputs)
         else:
-            summary = quantize_dataset(data, out, quantize_config, vectors=vectors, overwrite=overwrite, log=log,
+            summary = quantize_dataset(data, out, quantize_config, vectors=vectors, overwrite=overwrite, log=say,
                                        progress=True)
     except QarmError as exc:
         _fail(exc)
-    console.print(f"wrote {out} (codes version {summary.get('codes_version', '?')})")
+    say(f"wrote {out} (codes version {summary.get('codes_version', '?')})")
     show_markdown((out / "quality.md").read_text())
 
 
@@ -325,6 +334,7 @@ def _align_folder_vectors(folder: Path, which: str
     import json as _json
 
     from qarm.align.contrastive import read_alignment
+    from qarm.align.stage import made_from_align
     from qarm.data.io import load_dataset
 
     vectors, _ = read_alignment(folder)
@@ -332,9 +342,11 @@ def _align_folder_vectors(folder: Path, which: str
         raise ConfigError(f"{folder}: unknown vectors {which!r}; available: {sorted(vectors)}")
     report = _json.loads((folder / "align_report.json").read_text())
     dataset = load_dataset(report["dataset"]["path"], validate=False)
+    made_from = made_from_align(folder, dataset, report["dataset"]["path"])
     items = dataset.items
     categories = items["category"].to_numpy(dtype=object) if "category" in items.columns else None
-    inputs = {"catalogue": dataset.catalogue_digest(), "align_dir": str(folder.resolve()), "vectors": which}
+    inputs = {"catalogue": dataset.catalogue_digest(), "align_dir": str(folder.resolve()), "vectors": which,
+              "made_from": made_from}
     return vectors[which], items["item_id"].to_numpy(), categories, inputs
 
 
@@ -344,14 +356,18 @@ def codes_inspect(
     store: Annotated[str | None, typer.Option(help="Also check a code store: a SQLite file or redis://host:port/db.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of Markdown.")] = False,
 ) -> None:
-    """Code quality: utilisation, entropy, reconstruction error, collisions, category purity, ANN overlap."""
-    from qarm.quantize.api import inspect_codes, render_inspect_markdown
+    """Code quality: utilisation, entropy, reconstruction error, collisions, category purity, ANN overlap.
+    Exits 2 after the report when a file or the store does not match the folder's codes version."""
+    from qarm.quantize.api import inspect_codes, inspect_problems, render_inspect_markdown
 
     try:
         report = inspect_codes(folder, store=store)
     except QarmError as exc:
         _fail(exc)
     _show(report, as_json, render_inspect_markdown)
+    problems = inspect_problems(report)
+    if problems:
+        _fail(DataError("; ".join(problems)))
 
 
 @codes_app.command("publish")
@@ -367,7 +383,7 @@ def codes_publish(
         info = publish_codes(folder, to, replace=replace)
     except QarmError as exc:
         _fail(exc)
-    console.print(f"published: {info}")
+    say(f"published: {info}")
 
 
 @app.command()
@@ -412,7 +428,7 @@ def train(
                                       "--warm-start model": warm_start})
             train_warm_start(data, out, warm_start, parse_window(window), quantize_dir=codes, align_dir=vectors,
                              train_config=train_config, replay_fraction=replay_fraction, resume=not fresh,
-                             progress=True, log=lambda msg: console.print(msg, highlight=False, markup=False))
+                             progress=True, log=say)
         except QarmError as exc:
             _fail(exc)
         return
@@ -423,7 +439,7 @@ def train(
         ranking = RankingConfig.from_dict(options)
         check_output_folder(out, {"dataset folder": data, "--codes folder": codes, "--vectors folder": vectors})
         report = train_ranking(data, out, ranking, quantize_dir=codes, align_dir=vectors, resume=not fresh,
-                               progress=True, log=lambda msg: console.print(msg, highlight=False, markup=False))
+                               progress=True, log=say)
         _, md = write_report(out / "metrics", {ranking.model: report["metrics"]}, metrics=("gauc", "auc", "logloss"))
     except QarmError as exc:
         _fail(exc)
@@ -449,10 +465,10 @@ def ablate(
         ablation = AblationConfig.from_dict(merge(load_yaml(config) if config else {}, parse_sets(set_)))
         check_output_folder(out, {"dataset folder": data, "--codes folder": codes, "--vectors folder": vectors})
         run_ablation(data, out, ablation, quantize_dir=codes, align_dir=vectors, progress=ablation.workers == 1,
-                     log=lambda msg: console.print(msg, highlight=False, markup=False), fresh=fresh)
+                     log=say, fresh=fresh)
     except QarmError as exc:
         _fail(exc)
-    console.print(f"wrote {out / 'ablation.md'}")
+    say(f"wrote {out / 'ablation.md'}")
     show_markdown((out / "ablation.md").read_text())
 
 
@@ -477,11 +493,11 @@ def leaderboard(
         board = AblationConfig.from_dict(options)
         check_output_folder(out, {"dataset folder": data, "--codes folder": codes, "--vectors folder": vectors})
         run_ablation(data, out, board, quantize_dir=codes, align_dir=vectors, progress=board.workers == 1,
-                     log=lambda msg: console.print(msg, highlight=False, markup=False), report_name="leaderboard",
+                     log=say, report_name="leaderboard",
                      fresh=fresh)
     except QarmError as exc:
         _fail(exc)
-    console.print(f"wrote {out / 'leaderboard.md'}")
+    say(f"wrote {out / 'leaderboard.md'}")
     show_markdown((out / "leaderboard.md").read_text())
 
 
@@ -517,7 +533,7 @@ def replay(
             raise ConfigError(f"--seeds must be comma-separated integers, got {seeds!r}") from exc
         replay_config = ReplayConfig.from_dict(options)
         run_replay(data, out, replay_config, quantize_dir=codes, align_dir=vectors,
-                   log=lambda msg: console.print(msg, highlight=False, markup=False))
+                   log=say)
     except QarmError as exc:
         _fail(exc)
     show_markdown((out / "replay.md").read_text())
@@ -539,7 +555,7 @@ def export(
     try:  # MODELS_DIR may lie inside the run folder (`qarm run` keeps it in <out>/models), never contain it
         check_output_folder(to, {"run folder": run_dir}, flag="--to", allow_inside=True)
         manifest = export_bundle(run_dir, to, row=row, seed=seed, keep=keep, version=version, make_current=current,
-                                 log=lambda msg: console.print(msg, highlight=False, markup=False))
+                                 log=say)
     except QarmError as exc:
         _fail(exc)
     typer.echo(manifest["version"])
@@ -580,8 +596,8 @@ def serve(
         _fail(exc)
     os.environ.update(QARM_MODELS_DIR=str(models_dir), QARM_STORE=target, QARM_RELOAD_INTERVAL=str(reload_interval),
                       QARM_THREADS=str(threads or max(1, (os.cpu_count() or 1) // workers)))
-    console.print(f"serving {models_dir} (version {current_version(models_dir)}) on http://{host}:{port} "
-                  f"with {workers} worker(s), store {target}", highlight=False, markup=False)
+    say(f"serving {models_dir} (version {current_version(models_dir)}) on http://{host}:{port} "
+        f"with {workers} worker(s), store {target}")
     uvicorn.run("qarm.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level, access_log=False)
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qarm import __version__
+from qarm import __version__, provenance
 from qarm.align.contrastive import AlignConfig
-from qarm.align.stage import AlignStageConfig, align_dataset, read_aligned_vectors
+from qarm.align.stage import AlignStageConfig, align_dataset, made_from_align, read_aligned_vectors
 from qarm.align.user2item import User2ItemConfig
 from qarm.config import from_dict, to_dict
 from qarm.data import schema as S
@@ -154,7 +154,8 @@ def run_pipeline(config: RunConfig, out: str | Path, *, fresh: bool = False, log
         categories = dataset.items[S.CATEGORY].to_numpy(dtype=object) if S.CATEGORY in dataset.items else None
         quantize_items(vectors, dataset.items[S.ITEM_ID].to_numpy(), quantize_dir, config.quantize,
                        categories=categories, overwrite=True, log=log,
-                       inputs={"catalogue": dataset.catalogue_digest(), "align_dir": str(align_dir.resolve())})
+                       inputs={"catalogue": dataset.catalogue_digest(), "align_dir": str(align_dir.resolve()),
+                               "made_from": made_from_align(align_dir, dataset, data_dir)})
 
     stages.run("quantize", config.quantize, ("align",), quantize_dir / "quantize.json", run_quantize)
 
@@ -184,6 +185,8 @@ def run_pipeline(config: RunConfig, out: str | Path, *, fresh: bool = False, log
         "codes": quantize_quality,
         "ranking": ranking,
         "serving": {"models_dir": str(models_dir), "version": current_version(models_dir)},
+        provenance.BLOCK: provenance.Provenance(provenance.new_run_id(), "", provenance.made_from_folders(
+            dataset=data_dir, vectors=align_dir, codes=quantize_dir)).to_json(),
     }
     report["seconds"]["report"] = round(time.perf_counter() - start, 2)
     write_json(out / "report.json", report)

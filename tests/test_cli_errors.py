@@ -223,3 +223,42 @@ def test_a_sqlite_store_under_a_file_names_the_file(tmp_path: Path):
     (tmp_path / "afile.txt").write_text("x")
     with pytest.raises(ConfigError, match=r"afile\.txt is a file, so no SQLite store can be made under it"):
         open_live_store(tmp_path / "afile.txt" / "live.sqlite")
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import numpy as np
+
+    from qarm.quantize.api import QuantizeConfig, RQConfig, quantize_items
+
+    out = tmp_path_factory.mktemp("inspect") / "codes"
+    vectors = np.random.default_rng(0).normal(size=(400, 16)).astype(np.float32)
+    categories = np.array([f"Books, Music & More > Level {i % 7}" for i in range(400)], dtype=object)
+    quantize_items(vectors, None, out, QuantizeConfig(rq=RQConfig(codebook_size=8)), categories=categories)
+    return out
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["piped", "80-column terminal"])
+def test_codes_inspect_never_cuts_a_number_at_80_columns(quantized: Path, capsys, monkeypatch, terminal: bool):
+    """`qarm codes inspect` at 80 columns, piped or on a terminal: every number of the report printed whole."""
+    import functools
+    import re
+
+    from qarm.quantize.api import inspect_codes, render_inspect_markdown
+
+    monkeypatch.setenv("COLUMNS", "80")
+    if terminal:
+        monkeypatch.setattr(cli, "Console", functools.partial(cli.Console, force_terminal=True, width=80,
+                                                              color_system=None))
+    code, text = run_main(capsys, "codes", "inspect", str(quantized))
+    assert code == 0, text
+    assert "…" not in text
+    numbers = set(re.findall(r"\d+\.\d+", render_inspect_markdown(inspect_codes(quantized))))
+    assert numbers and all(n in text for n in numbers), sorted(n for n in numbers if n not in text)
+
+
+def test_log_lines_are_never_wrapped_or_cut(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")
+    line = "quantize: wrote /a/very/long/path/that/is/wider/than/forty/columns (codes version codes-0123456789abcdef)"
+    cli.say(line)
+    assert capsys.readouterr().err.strip() == line

@@ -148,10 +148,10 @@ def test_failed_write_keeps_the_previous_folder(tmp_path: Path, monkeypatch):
 
     real = io._write_table
 
-    def dies_on_users(table, path):
+    def dies_on_users(table, path, *rest):
         if path.name == S.USERS_FILE:
             raise OSError("disk full (simulated)")
-        real(table, path)
+        real(table, path, *rest)
 
     monkeypatch.setattr(io, "_write_table", dies_on_users)
     changed = tiny()

@@ -386,3 +386,84 @@ def test_a_wide_file_lists_a_few_columns_not_all(shop: Path):
     with pytest.raises(DataError) as info:
         load("generic", source=shop / "mapping.yaml")
     assert len(str(info.value)) < 1000, str(info.value)[:300]
+
+
+# --- multi-valued and hierarchical categories ---------------------------------------------------------
+
+CATEGORY_CELLS = ["Electronics > Audio > Headphones|Gifts", "Books, Music & More > Fiction", "Comedy|Drama",
+                  "", " > Audio", "Toys"]
+
+
+def _with_categories(shop: Path, cells: list[str], **keys) -> Path:
+    items = pd.read_csv(shop / "items.csv")
+    items["cat"] = cells
+    items.to_csv(shop / "items.csv", index=False)  # pandas quotes the names with commas
+    return edit(shop, "items", **keys)
+
+
+@pytest.mark.parametrize(("keys", "options", "expected"), [
+    ({"category_separator": "|", "category_path_separator": ">"}, {},
+     ["Electronics > Audio > Headphones", "Books, Music & More > Fiction", "Comedy", "unknown", "Audio", "Toys"]),
+    ({"category_separator": "|", "category_path_separator": ">", "category_level": 1}, {},
+     ["Electronics", "Books, Music & More", "Comedy", "unknown", "Audio", "Toys"]),
+    ({"category_separator": "|", "category_path_separator": ">"}, {"category_level": 2},
+     ["Electronics > Audio", "Books, Music & More > Fiction", "Comedy", "unknown", "Audio", "Toys"]),
+    ({"category_separator": "|"}, {},
+     ["Electronics > Audio > Headphones", "Books, Music & More > Fiction", "Comedy", "unknown", "> Audio", "Toys"]),
+])
+def test_multi_valued_and_hierarchical_categories(shop: Path, keys: dict, options: dict, expected: list[str]):
+    """The item's category is the first value at the chosen level; commas inside names survive."""
+    _with_categories(shop, CATEGORY_CELLS, **keys)
+    ds = load("generic", source=shop / "mapping.yaml", options=options)
+    by_id = dict(zip(ds.items.source_id, ds.items.category))
+    assert [by_id[s] for s in ["A100", "B200", "C300", "D400", "E500", "F600"]] == expected
+    assert any(note.startswith("category: ") for note in ds.meta.notes)
+
+
+def test_categories_from_json_lists(shop: Path):
+    """JSON items may hold a list of values or a list of paths (lists of levels)."""
+    items = pd.read_csv(shop / "items.csv")
+    records = items.drop(columns="cat").to_dict("records")
+    cells = [[["Electronics", "Audio, Hi-Fi", "Headphones"], ["Gifts"]], ["Comedy", "Drama"], [], None,
+             [["Home"]], ["Toys"]]
+    with open(shop / "items.jsonl", "w") as f:
+        for record, cell in zip(records, cells):
+            f.write(json.dumps({**record, "cat": cell}) + "\n")
+    edit(shop, "items", path="items.jsonl", category_level=2)
+    ds = load("generic", source=shop / "mapping.yaml")
+    assert list(ds.items.category) == ["Electronics > Audio, Hi-Fi", "Comedy", "unknown", "unknown", "Home", "Toys"]
+
+
+def test_a_category_cell_that_is_an_object_is_refused(shop: Path):
+    items = pd.read_csv(shop / "items.csv")
+    with open(shop / "items.jsonl", "w") as f:
+        for k, record in enumerate(items.drop(columns="cat").to_dict("records")):
+            f.write(json.dumps({**record, "cat": {"name": "Audio"} if k == 2 else "Toys"}) + "\n")
+    edit(shop, "items", path="items.jsonl")
+    with pytest.raises(DataError, match=r"column 'cat': a category cell is a JSON object"):
+        load("generic", source=shop / "mapping.yaml")
+
+
+@pytest.mark.parametrize(("keys", "options", "message"), [
+    ({"category_level": 0, "category_path_separator": ">"}, {}, r"items: category_level must be an int >= 1"),
+    ({"category_separator": " "}, {}, r"items: category_separator must be a non-blank string"),
+    ({"category_separator": "|", "category_path_separator": "|"}, {}, r"both '\|'"),
+    ({"category_level": 2}, {}, r"category_level is set but not category_path_separator"),
+    ({}, {"category_level": "x"}, r"category_level"),
+    ({"category_path_separator": ">"}, {"category_level": -1}, r"--set category_level=-1: category_level must be"),
+])
+def test_category_options_are_checked(shop: Path, keys: dict, options: dict, message: str):
+    _with_categories(shop, CATEGORY_CELLS, **keys)
+    with pytest.raises(ConfigError, match=message):
+        load("generic", source=shop / "mapping.yaml", options=options)
+
+
+def test_category_options_need_a_category_column(shop: Path):
+    mapping = mapping_of(shop)
+    del mapping["items"]["cat" if "cat" in mapping["items"] else "category"]
+    mapping["items"]["category_separator"] = "|"
+    write_mapping(shop, mapping)
+    with pytest.raises(ConfigError, match=r"need a category column"):
+        load("generic", source=shop / "mapping.yaml")
+    with pytest.raises(ConfigError, match=r"maps no items.category"):
+        load("generic", source=shop / "mapping.yaml", options={"category_level": 1})

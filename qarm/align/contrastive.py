@@ -71,6 +71,7 @@ from qarm.encode.content import ContentEncoder, ContentEncoderConfig, ItemInputs
 from qarm.encode.frozen import FrozenTextStates, build_text_states
 from qarm.errors import CheckpointMismatch, ConfigError, DataError, QarmError
 from qarm.progress import progress_bar
+from qarm.provenance import RUN_ID_KEY
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -649,6 +650,7 @@ def run_alignment(
     resume: bool = True,
     progress: bool = True,
     text_model: SentenceTransformer | None = None,
+    run_id: str | None = None,
 ) -> AlignmentResult:
     """The alignment stage: fit the encoder (PCA head), encode every item (pre-trained), train on the
     pairs, encode every item again (aligned), and write ``out_dir``::
@@ -658,7 +660,8 @@ def run_alignment(
         encoder/              the aligned encoder (load_encoder), for items added later
         train/                checkpoint.pt and best.safetensors (resume)
 
-    ``cache_dir`` caches text embeddings and vectors (:class:`~qarm.encode.cache.VectorCache`).
+    ``cache_dir`` caches text embeddings and vectors (:class:`~qarm.encode.cache.VectorCache`); ``run_id``
+    (:mod:`qarm.provenance`) goes into the vectors' metadata and the record.
     """
     out_dir = Path(out_dir)
     config = config or AlignConfig()
@@ -679,8 +682,10 @@ def run_alignment(
     aligned = encode_items(encoder, dataset, progress=progress, cache=cache)
     timings["encode_aligned"] = time.perf_counter() - clock
     save_encoder(encoder, out_dir / "encoder")
-    atomic_write_bytes(out_dir / VECTORS_FILE, save_numpy({"pretrained": pretrained, "aligned": aligned}))
+    atomic_write_bytes(out_dir / VECTORS_FILE, save_numpy({"pretrained": pretrained, "aligned": aligned},
+                                                          metadata=None if run_id is None else {RUN_ID_KEY: run_id}))
     record = {
+        "run_id": run_id,
         "dataset": dataset.meta.name,
         "n_items": dataset.n_items,
         "encoder": encoder.describe(),

@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from qarm import __version__
-from qarm.align.contrastive import AlignConfig, read_alignment, run_alignment
+from qarm import __version__, provenance
+from qarm.align.contrastive import VECTORS_FILE, AlignConfig, read_alignment, run_alignment
 from qarm.align.evaluate import business_rank_correlation, pair_recall, plot_tsne
 from qarm.align.pairs import PairMiningConfig, mine_pairs
 from qarm.align.user2item import User2ItemConfig, evaluate_popularity, item_embeddings, save_user2item, train_user2item
@@ -85,10 +85,11 @@ def align_dataset(
     """Run the alignment stage on a prepared dataset folder and write ``out_dir``; return the report."""
     config = config or AlignStageConfig()
     out_dir = Path(out_dir)
+    dataset = load_dataset(dataset_dir, ground_truth=True)  # refused (e.g. mixed files) before OUT is made
     out_dir.mkdir(parents=True, exist_ok=True)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    dataset = load_dataset(dataset_dir, ground_truth=True)
+    run_id = provenance.new_run_id()
     seconds: dict[str, float] = {}
 
     start = time.perf_counter()
@@ -110,14 +111,15 @@ def align_dataset(
     part = {key: "holdout_stopping" for key in zip(stopping["trigger"], stopping["target"])}
     part.update({key: "holdout_test" for key in zip(test["trigger"], test["target"])})
     pairs["part"] = [part.get(key, "train") for key in zip(pairs["trigger"], pairs["target"])]
-    atomic_write_bytes(out_dir / PAIRS_FILE, _parquet_bytes(pairs))
+    atomic_write_bytes(out_dir / PAIRS_FILE, _parquet_bytes(pairs, run_id))
     seconds["pairs"] = time.perf_counter() - start
     counts = {**mined.counts, "holdout_stopping": len(stopping), "holdout_test": len(test)}
     log(f"align: pairs {counts}")
 
     start = time.perf_counter()
     result = run_alignment(dataset, mined.train, stopping, out_dir, encoder_config=config.encoder,
-                           config=config.train, cache_dir=out_dir / "cache", resume=resume, progress=progress)
+                           config=config.train, cache_dir=out_dir / "cache", resume=resume, progress=progress,
+                           run_id=run_id)
     seconds.update({f"align_{k}": v for k, v in result.timings.items()})
     seconds["alignment"] = time.perf_counter() - start
 
@@ -140,6 +142,10 @@ def align_dataset(
         "training": result.history.to_dict(),
         "evaluation": evaluation,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        provenance.BLOCK: provenance.Provenance(
+            run_id, provenance.content_digest("vectors", arrays={"pretrained": result.pretrained,
+                                                                  "aligned": result.aligned}),
+            provenance.made_from(dataset=provenance.of_dataset(dataset.meta.provenance))).to_json(),
     }
     write_json(out_dir / REPORT_JSON, report)
     atomic_write_bytes(out_dir / REPORT_MD, render_markdown(report).encode())
@@ -219,9 +225,40 @@ def _fmt(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
 
-def _parquet_bytes(frame: pd.DataFrame) -> bytes:
+def _parquet_bytes(frame: pd.DataFrame, run_id: str) -> bytes:
     import io
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False, write_page_checksum=True)
+    table = provenance.with_run_id(pa.Table.from_pandas(frame, preserve_index=False), run_id)
+    pq.write_table(table, buffer, write_page_checksum=True)
     return buffer.getvalue()
+
+
+def realign(align_dir: str | Path) -> str:
+    """The fix for an align folder that mixes runs or was made from another dataset."""
+    return f"align again into it (qarm align DATA --out {align_dir} --fresh)"
+
+
+def check_align_folder(align_dir: str | Path, dataset: provenance.Provenance | None = None,
+                       dataset_label: str = "the dataset", *,
+                       fix: str = "pass the --vectors folder aligned on this dataset, or align it (qarm align)"
+                       ) -> provenance.Provenance | None:
+    """The align folder's provenance, after checking that its vectors and pairs are its own run's and that it
+    was aligned on the dataset whose provenance is ``dataset`` (else
+    :class:`~qarm.provenance.ProvenanceMismatch`, whose message ends with ``fix``)."""
+    align_dir = Path(align_dir)
+    made = provenance.check_folder(align_dir / REPORT_JSON, [align_dir / VECTORS_FILE, align_dir / PAIRS_FILE],
+                                   realign(align_dir))
+    provenance.check_made_from(align_dir, made, "dataset", dataset_label, dataset, fix)
+    return made
+
+
+def made_from_align(align_dir: str | Path, dataset: Dataset, dataset_dir: str | Path) -> dict[str, str]:
+    """``made_from`` of a folder made from an align folder's vectors (qarm quantize), after checking that the
+    align folder is whole and was aligned on ``dataset`` as it is now (read from ``dataset_dir``)."""
+    upstream = provenance.of_dataset(dataset.meta.provenance)
+    made = check_align_folder(align_dir, upstream, f"the dataset folder {dataset_dir}", fix=realign(align_dir))
+    return provenance.made_from(dataset=upstream, vectors=made)

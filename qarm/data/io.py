@@ -21,30 +21,41 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qarm import provenance
 from qarm.data import schema as S
 from qarm.data.schema import Dataset, DatasetMeta
 from qarm.data.validate import validate_dataset
 from qarm.errors import DataError
 from qarm.paths import temporary
 
+DATA_FILES = (S.ITEMS_FILE, S.INTERACTIONS_FILE, S.USERS_FILE)  # each carries the prepare's run id
 
-def save_dataset(dataset: Dataset, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Validate ``dataset`` and write it to ``out_dir`` atomically. Returns the folder."""
+
+def save_dataset(dataset: Dataset, out_dir: str | Path, *, overwrite: bool = False,
+                 made_from: dict[str, str] | None = None) -> Path:
+    """Validate ``dataset`` and write it to ``out_dir`` atomically. Returns the folder. ``meta.provenance``
+    records a new run id, the content digest and ``made_from`` (e.g. the source files' fingerprint)."""
     out_dir = Path(out_dir)
     validate_dataset(dataset)
     if out_dir.exists() and not overwrite:
         raise DataError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
     dataset.meta.counts = dataset.compute_counts()
+    run_id = provenance.new_run_id()
+    digest = provenance.content_digest(
+        "dataset", {"items": dataset.items, "interactions": dataset.interactions, "users": dataset.users},
+        dataset.item_vectors)
 
     def write(tmp: Path) -> None:
-        _write_table(_items_table(dataset), tmp / S.ITEMS_FILE)
-        _write_table(pa.Table.from_pandas(dataset.interactions, preserve_index=False), tmp / S.INTERACTIONS_FILE)
-        _write_table(pa.Table.from_pandas(dataset.users, preserve_index=False), tmp / S.USERS_FILE)
+        _write_table(_items_table(dataset), tmp / S.ITEMS_FILE, run_id)
+        _write_table(pa.Table.from_pandas(dataset.interactions, preserve_index=False), tmp / S.INTERACTIONS_FILE,
+                     run_id)
+        _write_table(pa.Table.from_pandas(dataset.users, preserve_index=False), tmp / S.USERS_FILE, run_id)
         if dataset.ground_truth:
             (tmp / S.GROUND_TRUTH_DIR).mkdir()
             for name, table in dataset.ground_truth.items():
                 _write_table(pa.Table.from_pandas(table, preserve_index=False),
-                             tmp / S.GROUND_TRUTH_DIR / f"{name}.parquet")
+                             tmp / S.GROUND_TRUTH_DIR / f"{name}.parquet", run_id)
+        dataset.meta.provenance = provenance.Provenance(run_id, digest, dict(made_from or {})).to_json()
         write_json(tmp / S.META_FILE, dataset.meta.to_json())
 
     atomic_directory(out_dir, write)
@@ -69,12 +80,17 @@ def load_dataset(path: str | Path, *, validate: bool = True, ground_truth: bool 
             f"{meta_path}: schema_version {version!r} is not supported (this qarm reads {S.SCHEMA_VERSION})"
         )
     meta = DatasetMeta.from_json(meta_json)
-    items_table = _read_table(path / S.ITEMS_FILE)
-    items, vectors = _split_vectors(items_table, path / S.ITEMS_FILE)
+    tables = {name: _read_table(path / name) for name in DATA_FILES}
+    made = provenance.Provenance.from_json(meta.provenance)
+    for name, table in tables.items():  # every file of the folder comes from the prepare that wrote meta.json
+        run_id = (table.schema.metadata or {}).get(provenance.RUN_ID_KEY.encode())
+        provenance.check_run_id(path / name, run_id.decode("utf-8", "replace") if run_id else None, meta_path, made,
+                                f"prepare it again (qarm data prepare ... --out {path} --overwrite)")
+    items, vectors = _split_vectors(tables[S.ITEMS_FILE], path / S.ITEMS_FILE)
     dataset = Dataset(
         items=items,
-        interactions=_read_table(path / S.INTERACTIONS_FILE).to_pandas(),
-        users=_read_table(path / S.USERS_FILE).to_pandas(),
+        interactions=tables[S.INTERACTIONS_FILE].to_pandas(),
+        users=tables[S.USERS_FILE].to_pandas(),
         meta=meta,
         item_vectors=vectors,
     )
@@ -170,8 +186,8 @@ def _read_table(path: Path) -> pa.Table:
         raise DataError(f"{path}: cannot read Parquet ({exc})") from exc
 
 
-def _write_table(table: pa.Table, path: Path) -> None:
-    pq.write_table(table, path, compression="zstd", write_page_checksum=True)
+def _write_table(table: pa.Table, path: Path, run_id: str | None = None) -> None:
+    pq.write_table(provenance.with_run_id(table, run_id), path, compression="zstd", write_page_checksum=True)
 
 
 def _json_default(value: Any) -> Any:

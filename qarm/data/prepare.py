@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qarm import provenance
 from qarm.config import to_dict
 from qarm.data.io import save_dataset
 from qarm.data.loaders import load
@@ -54,6 +55,7 @@ def prepare(
     timings["split_and_negatives"] = time.perf_counter() - start
     dataset.meta.config = {**dataset.meta.config, "loader_options": dict(loader_options or {})}
     start = time.perf_counter()
-    path = save_dataset(dataset, out, overwrite=overwrite)
+    fingerprint = provenance.source_fingerprint(dataset.meta.source) if dataset.meta.source else None
+    path = save_dataset(dataset, out, overwrite=overwrite, made_from={"source": fingerprint} if fingerprint else None)
     timings["save"] = time.perf_counter() - start
     return path, dataset, timings

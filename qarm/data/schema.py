@@ -82,6 +82,7 @@ class DatasetMeta:
     counts: dict[str, int] = field(default_factory=dict)
     prepared: dict[str, Any] = field(default_factory=dict)  # split / cold-start / long-tail / negatives
     notes: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)  # run id and digest (qarm.provenance), set on save
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -31,6 +31,7 @@ from qarm.data.schema import Dataset
 from qarm.errors import ConfigError, DataError
 from qarm.features.batch import RankingBatch, assemble_batch
 from qarm.features.history import HistoryIndex
+from qarm.provenance import of_dataset
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -100,6 +101,8 @@ class ExampleSource:
 
         self.meta = dataset.meta
         self._catalogue_digest = dataset.catalogue_digest  # computed only when a folder records a digest
+        self.provenance = of_dataset(dataset.meta.provenance)  # checked against what codes / vectors were made from
+        self.origin = f"the dataset {dataset.meta.name!r}"  # how messages name it
         self.history_length = history_length
         self.user = inter[S.USER_ID].to_numpy(dtype=np.int64)
         self.item = inter[S.ITEM_ID].to_numpy(dtype=np.int64)
@@ -140,7 +143,9 @@ class ExampleSource:
     @classmethod
     def from_folder(cls, path: str | Path, history_length: int = 50, *, validate: bool = True) -> ExampleSource:
         """Read a prepared dataset folder (see :mod:`qarm.data.io`)."""
-        return cls(load_dataset(path, validate=validate), history_length=history_length)
+        source = cls(load_dataset(path, validate=validate), history_length=history_length)
+        source.origin = f"the dataset folder {path}"
+        return source
 
     # -- rows ----------------------------------------------------------------------------------------
 

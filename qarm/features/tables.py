@@ -29,7 +29,7 @@ import numpy as np
 from qarm.errors import DataError
 from qarm.features.examples import ExampleSource
 from qarm.quantize.api import META_FILE as QUANTIZE_META
-from qarm.quantize.api import read_codes
+from qarm.quantize.api import check_quantize_folder, read_codes
 
 OOV = 0  # the ID-vocabulary row of out-of-vocabulary items
 
@@ -121,11 +121,14 @@ class ItemTables:
         tables = cls(id_index=id_index)
         if quantize_dir is not None:
             _check_catalogue(Path(quantize_dir) / QUANTIZE_META, ("inputs", "catalogue"), source, "--codes")
+            check_quantize_folder(quantize_dir, source.provenance, source.origin)
             tables.vq, tables.rq, tables.rq_sizes, tables.codes_version = _read_codes(Path(quantize_dir), n)
         if align_dir is not None:
             from qarm.align.contrastive import read_alignment  # the align stage's torch/encoder imports
+            from qarm.align.stage import check_align_folder
 
             _check_catalogue(Path(align_dir) / "align_report.json", ("dataset", "catalogue"), source, "--vectors")
+            check_align_folder(align_dir, source.provenance, source.origin)
             aligned, _ = read_alignment(align_dir)
             tables.vectors.update(aligned)
         tables.vectors.update(vectors or {})

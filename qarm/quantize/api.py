@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qarm import __version__
+from qarm import __version__, provenance
 from qarm.config import to_dict
 from qarm.data.io import atomic_directory, atomic_write_bytes, write_json
 from qarm.errors import ConfigError, DataError
@@ -168,9 +168,11 @@ def quantize_items(
 ) -> dict[str, Any]:
     """Fit VQ and RQ codebooks on the catalogue and write a quantize folder (atomically).
 
-    ``inputs`` (provenance, recorded in ``quantize.json``): what the vectors were made from, e.g.
-    ``{"catalogue": dataset.catalogue_digest(), "align_dir": ...}``; consumers refuse codes of another
-    catalogue (:meth:`qarm.features.ItemTables.build`).
+    ``inputs`` (recorded in ``quantize.json``): what the vectors were made from, e.g.
+    ``{"catalogue": dataset.catalogue_digest(), "align_dir": ..., "made_from": {"dataset": ..., "vectors":
+    ...}}``; ``made_from`` (digests, :mod:`qarm.provenance`) goes into the folder's ``provenance`` block, whose
+    run id ``codes.parquet`` carries too. Consumers refuse codes of another catalogue or dataset
+    (:meth:`qarm.features.ItemTables.build`).
 
     Parameters
     ----------
@@ -235,6 +237,7 @@ def quantize_items(
     seconds["quality"] = time.perf_counter() - start
 
     version = codes_version(rq.version_, vq.version_)
+    run_id = provenance.new_run_id()
     summary: dict[str, Any] = {
         "format": FOLDER_FORMAT,
         "qarm_version": __version__,
@@ -250,14 +253,15 @@ def quantize_items(
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "faiss_threads": faiss_ops.num_threads()},
         "seconds": seconds,
-        "inputs": dict(inputs or {}),
+        "inputs": {k: v for k, v in (inputs or {}).items() if k != "made_from"},
+        provenance.BLOCK: provenance.Provenance(run_id, version, dict((inputs or {}).get("made_from") or {})).to_json(),
     }
 
     def write(tmp: Path) -> None:
         t0 = time.perf_counter()
         rq.save(tmp / RQ_FILE)
         vq.save(tmp / VQ_FILE)
-        _write_codes_parquet(tmp / CODES_FILE, ids, vq_codes, rq_codes, version)
+        _write_codes_parquet(tmp / CODES_FILE, ids, vq_codes, rq_codes, version, run_id)
         if config.write_store:
             store = SQLiteCodeStore(tmp / STORE_FILE)
             try:
@@ -303,7 +307,8 @@ def quantize_dataset(
     return quantize_items(dataset.item_vectors[vectors], items["item_id"].to_numpy(), out_dir, config,
                           categories=categories, overwrite=overwrite, log=log, progress=progress,
                           inputs={"catalogue": dataset.catalogue_digest(), "dataset_dir": str(Path(dataset_dir).resolve()),
-                                  "vectors": vectors})
+                                  "vectors": vectors,
+                                  "made_from": provenance.made_from(dataset=provenance.of_dataset(dataset.meta.provenance))})
 
 
 def assign_new_items(
@@ -378,11 +383,15 @@ def inspect_codes(out_dir: str | Path, *, store: CodeStore | str | Path | None =
         VQ_FILE: {"version": vq_meta.get("version"), "matches": vq_meta.get("version") == meta.get("vq_version")},
     }
     codes_path = out_dir / CODES_FILE
-    parquet_version = None
+    parquet_version = parquet_run = None
     if codes_path.exists():
         schema_meta = pq.read_schema(codes_path).metadata or {}
         parquet_version = schema_meta.get(b"qarm.codes_version", b"").decode() or None
-    files[CODES_FILE] = {"version": parquet_version, "matches": parquet_version == version}
+        parquet_run = schema_meta.get(provenance.RUN_ID_KEY.encode(), b"").decode() or None
+    made = provenance.read(out_dir / META_FILE)
+    same_run = parquet_run is None or made is None or parquet_run == made.run_id  # an older qarm: no run ids
+    files[CODES_FILE] = {"version": parquet_version, "matches": parquet_version == version and same_run,
+                         **({"run_id": parquet_run} if parquet_run else {})}
     try:
         quality = json.loads((out_dir / QUALITY_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -401,6 +410,7 @@ def inspect_codes(out_dir: str | Path, *, store: CodeStore | str | Path | None =
     report = {
         "folder": str(out_dir),
         "codes_version": version,
+        "run_id": None if made is None else made.run_id,
         "files": files,
         "store": store_info,
         "quality": quality,
@@ -408,6 +418,22 @@ def inspect_codes(out_dir: str | Path, *, store: CodeStore | str | Path | None =
     }
     report["markdown"] = render_inspect_markdown(report)
     return report
+
+
+def inspect_problems(report: dict[str, Any]) -> list[str]:
+    """What an :func:`inspect_codes` report found wrong, one sentence each (empty: the folder is whole)."""
+    folder = report["folder"]
+    recorded = f"version {report['codes_version']}" + (f", run {report['run_id'][:12]}" if report.get("run_id") else "")
+    problems = [f"{folder}/{name} does not match {META_FILE} (the file: version {entry['version']}"
+                + (f", run {entry['run_id'][:12]}" if entry.get("run_id") else "") + f"; {META_FILE}: {recorded}): "
+                f"quantize again into it (qarm quantize ... --out {folder} --overwrite)"
+                for name, entry in report["files"].items() if not entry["matches"]]
+    store = report.get("store")
+    if store and not store["matches"]:
+        problems.append(f"the store {store['location']} holds codes version {store['version']}, the folder "
+                        f"{report['codes_version']}: publish the folder (qarm codes publish {folder} --to "
+                        f"{store['location']} --replace)")
+    return problems
 
 
 def render_inspect_markdown(report: dict[str, Any]) -> str:
@@ -458,6 +484,9 @@ def read_codes(out_dir: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         if expected is not None and recorded != expected:
             raise DataError(f"{path} holds codes of version {recorded}, but {meta_path} records {expected}: the folder "
                             "mixes two quantize runs; quantize again into it (qarm quantize --overwrite)")
+    file_run = (table.schema.metadata or {}).get(provenance.RUN_ID_KEY.encode(), b"").decode() or None
+    provenance.check_run_id(path, file_run, meta_path, provenance.read(meta_path),
+                            f"quantize again into it (qarm quantize ... --out {out_dir} --overwrite)")
     names = table.column_names
     ids = table.column("item_id").to_numpy().astype(np.int64)
     codes = {}
@@ -467,13 +496,25 @@ def read_codes(out_dir: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     return ids, codes
 
 
+def check_quantize_folder(out_dir: str | Path, dataset: provenance.Provenance | None, dataset_label: str, *,
+                          fix: str = "pass the --codes folder quantized from this dataset's vectors, or quantize "
+                                     "them (qarm quantize)") -> provenance.Provenance | None:
+    """The quantize folder's provenance, after checking that it was made from the dataset whose provenance is
+    ``dataset`` (else :class:`~qarm.provenance.ProvenanceMismatch`, ending with ``fix``). ``codes.parquet``'s
+    run id is checked where it is read (:func:`read_codes`)."""
+    out_dir = Path(out_dir)
+    made = provenance.read(out_dir / META_FILE)
+    provenance.check_made_from(out_dir, made, "dataset", dataset_label, dataset, fix)
+    return made
+
+
 def _write_codes_parquet(path: Path, ids: np.ndarray, vq_codes: np.ndarray, rq_codes: np.ndarray,
-                         version: str) -> None:
+                         version: str, run_id: str) -> None:
     rq_type = pa.int16() if max(rq_codes.max(initial=0), 0) < 2**15 else pa.int32()
     columns = {"item_id": pa.array(ids, type=pa.int64())}
     columns |= {f"vq_{j}": pa.array(vq_codes[:, j], type=pa.int64()) for j in range(vq_codes.shape[1])}
     columns |= {f"rq_{j}": pa.array(rq_codes[:, j]).cast(rq_type) for j in range(rq_codes.shape[1])}
-    table = pa.table(columns).replace_schema_metadata({"qarm.codes_version": version})
+    table = pa.table(columns).replace_schema_metadata({"qarm.codes_version": version, provenance.RUN_ID_KEY: run_id})
     pq.write_table(table, path, compression="zstd", write_page_checksum=True)
 
 

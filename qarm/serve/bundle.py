@@ -47,7 +47,7 @@ from safetensors.numpy import save as save_numpy
 from safetensors.torch import load as load_torch_bytes
 from safetensors.torch import save as save_torch
 
-from qarm import __version__
+from qarm import __version__, provenance
 from qarm.data import schema as S
 from qarm.data.io import atomic_write_bytes, load_dataset, write_json
 from qarm.errors import ConfigError, DataError, QarmError
@@ -183,6 +183,7 @@ def export_bundle(run_dir: str | Path, models_dir: str | Path, *, row: str | Non
 
     start = time.perf_counter()
     dataset = load_dataset(folders.dataset_dir)
+    upstream = check_run_inputs(folders, report, provenance.of_dataset(dataset.meta.provenance))
     source = ExampleSource(dataset, history_length=int(ranking["history_length"]))
     tables = ItemTables.build(source, quantize_dir=folders.quantize_dir, align_dir=folders.align_dir)
     vocabulary = folders.run_dir / "train" / VOCABULARY_FILE
@@ -221,6 +222,8 @@ def export_bundle(run_dir: str | Path, models_dir: str | Path, *, row: str | Non
         "source": {"run_dir": str(folders.run_dir), "row": folders.row, "seed": report.get("seed"),
                    "tables_digest": tables.digest(), "metrics": _overall(report)},
         "files": {},
+        provenance.BLOCK: provenance.Provenance(provenance.new_run_id(), f"bundle-{content}",
+                                                provenance.made_from(**upstream)).to_json(),
     }
     quantize_dir, align_dir = folders.quantize_dir, folders.align_dir
 
@@ -270,6 +273,27 @@ def commit_version(models_dir: str | Path, manifest: dict[str, Any], write_files
     if make_current:
         set_current(models_dir, version)
     return final, prune_versions(models_dir, keep, protect=(version,))
+
+
+RETRAIN = ("its inputs were replaced after it was trained: train it again on these folders (qarm run OUT --fresh, "
+           "or qarm train ... --fresh) before exporting it")
+
+
+def check_run_inputs(folders: RunFolders, report: dict[str, Any], dataset: provenance.Provenance | None
+                     ) -> dict[str, provenance.Provenance | None]:
+    """Refuse a ranking run whose report records other dataset / codes / vectors digests than the folders
+    beside it hold now (:class:`~qarm.provenance.ProvenanceMismatch`). Returns the provenance of each input
+    (``dataset``, ``codes``, ``vectors``, ``model``: the run itself), for the bundle's record."""
+    made = provenance.Provenance.from_json(report.get(provenance.BLOCK))
+    upstream: dict[str, provenance.Provenance | None] = {
+        "dataset": dataset,
+        "codes": None if folders.quantize_dir is None else provenance.read(folders.quantize_dir / "quantize.json"),
+        "vectors": None if folders.align_dir is None else provenance.read(folders.align_dir / "align_report.json"),
+    }
+    given = {"dataset": folders.dataset_dir, "codes": folders.quantize_dir, "vectors": folders.align_dir}
+    for kind, record in upstream.items():
+        provenance.check_made_from(folders.run_dir, made, kind, f"{given[kind]}", record, RETRAIN)
+    return upstream | {"model": made}
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

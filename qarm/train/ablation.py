@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from qarm import __version__
+from qarm import __version__, provenance
 from qarm.config import from_dict, to_dict
 from qarm.data.io import atomic_write_bytes, write_json
 from qarm.errors import CheckpointMismatch, ConfigError
@@ -273,7 +273,7 @@ def run_ablation(dataset_dir: str | Path, out_dir: str | Path, config: AblationC
 
             def fit(resume: bool, job: dict[str, Any] = job) -> dict[str, Any]:
                 return train_ranking(None, job["dir"], job["config"], source=source, tables=tables, resume=resume,
-                                     progress=progress, log=None)
+                                     quantize_dir=quantize_dir, align_dir=align_dir, progress=progress, log=None)
 
             reports[job_id] = _train_job(fit, fresh, say)
             say(_run_line(job_id, reports[job_id]))
@@ -300,6 +300,8 @@ def run_ablation(dataset_dir: str | Path, out_dir: str | Path, config: AblationC
 
     result = _assemble(config, variants, reports, time.perf_counter() - start)
     out.mkdir(parents=True, exist_ok=True)
+    result[provenance.BLOCK] = provenance.Provenance(provenance.new_run_id(), "", provenance.made_from_folders(
+        dataset=dataset_dir, codes=quantize_dir, vectors=align_dir)).to_json()
     write_json(out / f"{report_name}.json", result)
     atomic_write_bytes(out / f"{report_name}.md", render_ablation(result).encode("utf-8"))
     return result

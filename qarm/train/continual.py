@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qarm import __version__
+from qarm import __version__, provenance
 from qarm.config import from_dict, to_dict
 from qarm.data.io import atomic_write_bytes, write_json
 from qarm.errors import ConfigError, DataError
@@ -231,7 +231,7 @@ def read_last_model(path: str | Path) -> LastModel:
         bundle = load_bundle(folder)
         return LastModel(folder, bundle.manifest["ranking_config"], dict(bundle.weights),
                          np.asarray(bundle.arrays["id_index"]), None, bundle.codes_version, None)
-    if not (path / "report.json").exists():
+    if not ((path / "report.json").exists() and (path / "train").is_dir()):  # a `qarm run` folder: its QARM row
         from qarm.serve.bundle import find_run
 
         path = find_run(path).run_dir
@@ -258,6 +258,12 @@ def read_last_model(path: str | Path) -> LastModel:
                      optimizer_state)
 
 
+def _last_model_provenance(where: Path) -> provenance.Provenance | None:
+    """The record of a last model: a bundle's ``bundle.json`` or a ranking run's ``report.json``."""
+    bundle = where / "bundle.json"
+    return provenance.read(bundle if bundle.exists() else where / "report.json")
+
+
 def train_warm_start(dataset_dir: str | Path, out_dir: str | Path, last: str | Path, window: tuple[int | None, int | None],
                      *, quantize_dir: str | Path | None = None, align_dir: str | Path | None = None,
                      train_config: TrainConfig | None = None, replay_fraction: float = 0.0, resume: bool = True,
@@ -268,7 +274,7 @@ def train_warm_start(dataset_dir: str | Path, out_dir: str | Path, last: str | P
     seed), its optimiser state carried over. Writes a ranking run folder (``train/`` with checkpoints, the
     grown vocabulary, ``report.json`` naming its inputs) that ``qarm export`` turns into a bundle; an
     interrupted update resumes from its checkpoint and never touches a bundle."""
-    from qarm.train.stage import REPORT_FILE, TRAIN_DIR, RankingConfig, build_tables
+    from qarm.train.stage import REPORT_FILE, TRAIN_DIR, RankingConfig, build_tables, run_provenance
 
     say = log or (lambda line: None)
     out_dir = Path(out_dir)
@@ -319,6 +325,8 @@ def train_warm_start(dataset_dir: str | Path, out_dir: str | Path, last: str | P
         "data": view.describe(), "tables": grown.tables.describe(), "metrics": {},
         "history": result.history.to_dict(), "examples_per_second": result.examples_per_second,
         "seconds": {"train": seconds},
+        provenance.BLOCK: run_provenance(provenance.new_run_id(), out_dir, source, quantize_dir, align_dir,
+                                         model=_last_model_provenance(previous.where)).to_json(),
     }
     write_json(out_dir / REPORT_FILE, report)
     say(f"warm start: trained {result.history.steps:,} steps in {seconds:.1f} s -> {out_dir} "
@@ -521,14 +529,14 @@ def replay(dataset_dir: str | Path, out_dir: str | Path, config: ReplayConfig | 
            log: Log | None = None) -> dict[str, Any]:
     """Run the replay for every seed (a finished seed's ``seed-<n>.json`` is read back, so an interrupted
     replay resumes at the seed it was in) and write ``replay.json``, ``replay.md`` and ``replay.png``."""
-    from qarm.train.stage import build_tables
+    from qarm.train.stage import build_tables, run_provenance
 
     config = config or ReplayConfig()
     say = log or (lambda line: None)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     source = ExampleSource.from_folder(dataset_dir, history_length=config.history_length)
     tables = build_tables(source, dataset_dir, config.model, quantize_dir=quantize_dir, align_dir=align_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs passed their checks
     settings = {k: v for k, v in to_dict(config).items() if k not in ("seeds", "threads")}
     identity = {"config": settings, "dataset": source.describe(), "tables": tables.digest()}
     runs = []
@@ -550,7 +558,9 @@ def replay(dataset_dir: str | Path, out_dir: str | Path, config: ReplayConfig | 
               "config": to_dict(config), "dataset": source.describe(), "tables": tables.describe(),
               "cut": runs[0]["cut"], "days": runs[0]["days"], "initial_rows": runs[0]["initial_rows"],
               "initial_seconds": [r["initial_seconds"] for r in runs], "tasks": list(source.tasks),
-              "strategies": summary}
+              "strategies": summary,
+              provenance.BLOCK: run_provenance(provenance.new_run_id(), out_dir, source, quantize_dir,
+                                               align_dir).to_json()}
     write_json(out_dir / REPLAY_JSON, result)
     atomic_write_bytes(out_dir / REPLAY_MD, replay_markdown(result).encode())
     plot_replay(result, out_dir / REPLAY_PNG)

@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qarm import __version__
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qarm import __version__, provenance
 from qarm.config import from_dict, to_dict
 from qarm.data.io import write_json
 from qarm.errors import ConfigError
@@ -31,7 +34,7 @@ from qarm.evaluate.report import worse_than_constant
 from qarm.features.examples import ExampleSource
 from qarm.features.tables import ItemTables
 from qarm.models import build_model, describe_model, model_config
-from qarm.train.trainer import TrainConfig, predict, train
+from qarm.train.trainer import BEST_FILE, TrainConfig, predict, train
 
 REPORT_FILE = "report.json"
 PREDICTIONS_FILE = "predictions.parquet"
@@ -77,6 +80,16 @@ def build_tables(source: ExampleSource, dataset_dir: str | Path | None, model: s
         dataset = load_dataset(dataset_dir)
         texts, modalities = item_texts(dataset), dict(dataset.item_vectors)
     return ItemTables.build(source, quantize_dir=quantize_dir, align_dir=align_dir, texts=texts, modalities=modalities)
+
+
+def run_provenance(run_id: str, out_dir: Path, source: ExampleSource, quantize_dir: str | Path | None,
+                   align_dir: str | Path | None, **more: provenance.Provenance | None) -> provenance.Provenance:
+    """A ranking run's record (:mod:`qarm.provenance`): its best weights' digest, and the dataset, codes and
+    vectors (and ``more``, e.g. the last model of a warm start) it was trained from."""
+    best = out_dir / TRAIN_DIR / BEST_FILE
+    return provenance.Provenance(run_id, provenance.file_digest("model", [best]) if best.is_file() else "",
+                                 {**provenance.made_from(dataset=source.provenance, **more),
+                                  **provenance.made_from_folders(codes=quantize_dir, vectors=align_dir)})
 
 
 def run_flags(report: dict[str, Any]) -> list[str]:
@@ -151,7 +164,9 @@ def train_ranking(dataset_dir: str | Path | None, out_dir: str | Path, config: R
     metrics = evaluate_predictions(frame, list(source.tasks),
                                    n_longtail_groups=len(groups) or int(source.item_longtail.max(initial=0)))
     out_dir.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(out_dir / PREDICTIONS_FILE, index=False, write_page_checksum=True)
+    run_id = provenance.new_run_id()
+    pq.write_table(provenance.with_run_id(pa.Table.from_pandas(frame, preserve_index=False), run_id),
+                   out_dir / PREDICTIONS_FILE, write_page_checksum=True)
     seconds["evaluate"] = time.perf_counter() - start
 
     report = {
@@ -167,6 +182,7 @@ def train_ranking(dataset_dir: str | Path | None, out_dir: str | Path, config: R
         "history": result.history.to_dict(),
         "examples_per_second": result.examples_per_second,
         "seconds": seconds,
+        provenance.BLOCK: run_provenance(run_id, out_dir, source, quantize_dir, align_dir).to_json(),
     }
     flags = run_flags(report)
     report["flags"] = flags

@@ -33,6 +33,7 @@ import pyarrow as pa
 from qarm.config import from_dict, load_yaml, to_dict
 from qarm.data import schema as S
 from qarm.data.build import assemble
+from qarm.data.loaders.categories import CategoryRule, map_categories
 from qarm.data.loaders.files import read_csv, read_npy
 from qarm.data.loaders.registry import register
 from qarm.data.schema import Dataset, DatasetMeta
@@ -42,7 +43,6 @@ DEFAULT_MAPPING = "mapping.yaml"
 YAML_SUFFIXES = (".yaml", ".yml")
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".jsonl", ".json")
 DEFAULT_LABEL = "click"  # the label of positive-only data mapped without labels
-UNKNOWN_CATEGORY = "unknown"
 
 # "<signal> <op> <number>": the only derive rules, parsed with a regular expression (never evaluated).
 RULE = re.compile(r"^\s*([A-Za-z_]\w*)\s*(>=|>|==)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
@@ -81,6 +81,9 @@ class ItemsSection:
     id: str
     text: list[str] = field(default_factory=list)
     category: str | None = None
+    category_separator: str | None = None  # multi-valued cells ("Comedy|Drama"): the first value is the category
+    category_path_separator: str | None = None  # hierarchical paths ("Electronics > Audio"): between the levels
+    category_level: int | None = None  # keep the first N levels of a path; absent: the full path
     created_at: str | None = None  # numbers (seconds since the epoch) or date/times
     features: list[str] = field(default_factory=list)  # categorical side information, kept as named
     vectors: dict[str, VectorSource] = field(default_factory=dict)
@@ -107,6 +110,7 @@ class GenericMapping:
 @dataclass
 class GenericConfig:
     mapping: str | None = None  # the mapping file inside a --source folder (default: mapping.yaml)
+    category_level: int | None = None  # overrides items.category_level (--set category_level=2)
 
 
 Rule = tuple[str, str, float]  # signal, operator, threshold
@@ -121,6 +125,11 @@ Rule = tuple[str, str, float]  # signal, operator, threshold
 def load_generic(source: Path, config: GenericConfig) -> Dataset:
     mapping_path = find_mapping(source, config)
     mapping = from_dict(GenericMapping, load_yaml(mapping_path), where=f"{mapping_path}: mapping")
+    if config.category_level is not None:
+        if mapping.items is None or mapping.items.category is None:
+            raise ConfigError(f"--set category_level={config.category_level}: {mapping_path} maps no items.category")
+        CategoryRule(level=config.category_level).check(f"--set category_level={config.category_level}")
+        mapping.items.category_level = config.category_level
     rules = check_mapping(mapping, mapping_path)
     folder = mapping_path.parent
     spec = mapping.interactions
@@ -170,6 +179,7 @@ def load_generic(source: Path, config: GenericConfig) -> Dataset:
         user_feature_columns=list(mapping.users.features) if mapping.users else [],
         item_feature_columns=list(mapping.items.features) if mapping.items else [],
         positive_only=mapping.positive_only,
+        notes=[note] if mapping.items and (note := category_rule(mapping.items).describe()) else [],
     )
     return assemble(items=items, interactions=inter, meta=meta, users=users, item_vectors=item_vectors,
                     item_key=S.ITEM_ID, user_key=S.USER_ID, items_file=items_file, interactions_file=f,
@@ -211,6 +221,11 @@ def check_mapping(mapping: GenericMapping, path: Path) -> dict[str, Rule]:
     if mapping.items is not None:
         items = mapping.items
         check_names([*items.text, *items.features, *items.vectors], RESERVED_ITEMS, f"{path}: items")
+        category_rule(items).check(f"{path}: items")
+        if items.category is None and (items.category_separator or items.category_path_separator
+                                       or items.category_level is not None):
+            raise ConfigError(f"{path}: items: category_separator / category_path_separator / category_level "
+                              "need a category column (items.category)")
         for name, vector in items.vectors.items():
             if (vector.path is None) == (vector.column is None):
                 raise ConfigError(f"{path}: items.vectors.{name}: give exactly one of 'path' (a .npy file) "
@@ -358,7 +373,8 @@ def read_items(
     for column in spec.text:
         items[column] = table[column].fillna("").astype(str)
     if spec.category:
-        items[S.CATEGORY] = table[spec.category].fillna(UNKNOWN_CATEGORY).astype(str)
+        items[S.CATEGORY] = map_categories(table[spec.category], category_rule(spec),
+                                           f"{f}: column '{spec.category}'").to_numpy()
     if spec.created_at:
         items[S.CREATED_AT] = seconds(table, spec.created_at, f)
     for column in spec.features:
@@ -372,6 +388,11 @@ def read_items(
             assert source.column is not None  # check_mapping: exactly one of path and column
             vectors[name] = column_vectors(table, source.column, name, f)
     return items, vectors, f
+
+
+def category_rule(spec: ItemsSection) -> CategoryRule:
+    """How the items' category cells become one category each (qarm.data.loaders.categories)."""
+    return CategoryRule(spec.category_separator, spec.category_path_separator, spec.category_level)
 
 
 def read_users(spec: UsersSection, folder: Path, mapping_path: Path) -> tuple[pd.DataFrame, str]:

@@ -102,6 +102,13 @@ def test_learn_trains_exactly_the_events_after_the_consumed_position(models: Pat
     # the weights moved: the update learned something
     before, after = load_bundle(models / "versions" / "v1").weights, load_current(models).weights
     assert any(not torch.equal(before[k], after[k]) for k in before if before[k].shape == after[k].shape)
+    # each learned version is a run of its own, made from the version it learned from
+    exported, learned = (load_bundle(models / "versions" / "v1").manifest["provenance"],
+                         load_current(models).manifest["provenance"])
+    first_learned = load_bundle(models / "versions" / first["version"]).manifest["provenance"]
+    assert learned["run_id"] != first_learned["run_id"] != exported["run_id"]
+    assert learned["made_from"] == {"bundle": first_learned["digest"]} != first_learned["made_from"]
+    assert first_learned["made_from"] == {"bundle": exported["digest"]}
 
 
 def test_a_run_with_no_new_events_does_nothing(models: Path, store: LiveStore, exposures: list[Event],

@@ -195,6 +195,7 @@ def export_bundle(run_dir: str | Path, models_dir: str | Path, *, row: str | Non
     weights = _read_weights(weights_path)
     arrays = _tables_arrays(tables, source)
     weights_bytes, tables_bytes = save_torch(weights), save_numpy(arrays)
+    content = hashlib.sha256(weights_bytes + tables_bytes).hexdigest()[:12]
     version = version or version_name(weights_bytes + tables_bytes)
     _check_version_name(version)
     quantize_meta = json.loads((folders.quantize_dir / "quantize.json").read_text(encoding="utf-8"))

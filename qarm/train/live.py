@@ -30,6 +30,7 @@ Negatives: events are logged *exposures* with their labels, the data path's rule
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import platform
 import shutil
@@ -48,7 +49,7 @@ from safetensors.torch import load as load_torch_bytes
 from safetensors.torch import save as save_torch
 from torch import nn
 
-from qarm import __version__
+from qarm import __version__, provenance
 from qarm.config import from_dict, to_dict
 from qarm.data import schema as S
 from qarm.errors import ConfigError, DataError
@@ -305,6 +306,10 @@ def commit_learned_version(models_dir: str | Path, bundle: Bundle, model: nn.Mod
     manifest["spec"]["n_users"] = n_users + len(new_users)
     manifest["source"] = dict(manifest.get("source") or {}) | {"tables_digest": tables.digest(),
                                                                "learned_from": bundle.version}
+    parent = provenance.Provenance.from_json(bundle.manifest.get(provenance.BLOCK))
+    content = hashlib.sha256(weights_bytes + tables_bytes).hexdigest()[:12]
+    manifest[provenance.BLOCK] = provenance.Provenance(provenance.new_run_id(), f"bundle-{content}",
+                                                       provenance.made_from(bundle=parent)).to_json()
     folder = bundle.path
 
     def write_files(tmp: Path) -> None:

@@ -33,6 +33,10 @@ SetOption = Annotated[
     typer.Option("--set", help="Override an option: KEY=VALUE (loader options), or split.KEY=VALUE / "
                                "negatives.KEY=VALUE. Values are read as YAML (3, 0.5, true, text)."),
 ]
+DeviceOption = Annotated[
+    str | None,
+    typer.Option("--device", help="cpu, cuda, or auto (CUDA when available, else the CPU). Default: cpu."),
+]
 ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", help="YAML file with sections 'loader', 'split', 'negatives'."),
@@ -42,6 +46,11 @@ ConfigOption = Annotated[
 def _error_line(message: str) -> None:
     """``error: <message>`` on stderr, the message printed as it is (never read as rich markup)."""
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
+
+
+def say(message: str) -> None:
+    """A progress line on stderr, printed as it is (a module-level function: data-parallel ranks get it)."""
+    console.print(message, highlight=False, markup=False)
 
 
 def _fail(exc: Exception) -> NoReturn:
@@ -389,14 +398,26 @@ def train(
                                                "the events a --warm-start trains on.")] = None,
     replay_fraction: Annotated[float, typer.Option(help="With --warm-start: older events mixed in, as a share of "
                                                    "the window's.")] = 0.0,
+    device: DeviceOption = None,
+    nproc: Annotated[int, typer.Option(help="Data-parallel training processes on this machine (DDP: gloo on the "
+                                            "CPU, NCCL on CUDA), each training its share of every batch. Under "
+                                            "torchrun leave it out.")] = 1,
 ) -> None:
     """Train and evaluate one ranking model (AUC / UAUC / GAUC / logloss per segment), or with --warm-start
-    continue the last one on a time window (then `qarm export OUT` serves it)."""
+    continue the last one on a time window (then `qarm export OUT` serves it).
+
+    Data parallel: `qarm train DATA --out OUT --nproc 2`, or `torchrun --nproc_per_node 2 -m qarm train DATA
+    --out OUT` (several machines: torchrun's --nnodes / --rdzv-endpoint); rank 0 writes OUT."""
+    from qarm.distributed import launched_world, process_group, resolve_device, spawn
     from qarm.evaluate.report import write_report
     from qarm.train.stage import RankingConfig, train_ranking
 
     if (warm_start is None) != (window is None):
         _fail(ConfigError("--warm-start and --window go together"))
+    if nproc < 1:
+        _fail(ConfigError(f"--nproc must be >= 1, got {nproc}"))
+    if nproc > 1 and warm_start is not None:
+        _fail(ConfigError("--nproc with --warm-start is not supported: continue the last model in one process"))
     if warm_start is not None and window is not None:
         from qarm.train.continual import parse_window, train_warm_start
         from qarm.train.trainer import TrainConfig
@@ -407,7 +428,8 @@ def train(
             if unknown:
                 raise ConfigError(f"with --warm-start the model and its config are the last model's; only train.* "
                                   f"settings apply (got {unknown})")
-            train_config = TrainConfig.from_dict({"epochs": 1, **(sets.get("train") or {})})
+            train_config = TrainConfig.from_dict({"epochs": 1, **(sets.get("train") or {}),
+                                                  **({"device": device} if device else {})})
             check_output_folder(out, {"dataset folder": data, "--codes folder": codes, "--vectors folder": vectors,
                                       "--warm-start model": warm_start})
             train_warm_start(data, out, warm_start, parse_window(window), quantize_dir=codes, align_dir=vectors,
@@ -420,10 +442,21 @@ def train(
     try:
         options = merge(load_yaml(config) if config else {}, parse_sets(set_))
         options.setdefault("model", model)
+        if device is not None:
+            options = merge(options, {"train": {"device": device}})
         ranking = RankingConfig.from_dict(options)
+        where = resolve_device(ranking.train.device)
         check_output_folder(out, {"dataset folder": data, "--codes folder": codes, "--vectors folder": vectors})
-        report = train_ranking(data, out, ranking, quantize_dir=codes, align_dir=vectors, resume=not fresh,
-                               progress=True, log=lambda msg: console.print(msg, highlight=False, markup=False))
+        arguments: dict[str, Any] = {"quantize_dir": codes, "align_dir": vectors, "resume": not fresh,
+                                     "progress": True, "log": say}
+        if nproc > 1:
+            spawn(nproc, train_ranking, data, out, ranking, device=where, threads=ranking.train.threads, **arguments)
+            report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+        else:
+            with process_group(where):  # torchrun's ranks join one group; a lone process runs as it is
+                report = train_ranking(data, out, ranking, **arguments)
+            if launched_world()[0] != 0:
+                return
         _, md = write_report(out / "metrics", {ranking.model: report["metrics"]}, metrics=("gauc", "auc", "logloss"))
     except QarmError as exc:
         _fail(exc)

@@ -590,12 +590,14 @@ def serve(
     reload_interval: Annotated[float, typer.Option(help="Seconds between checks of MODELS_DIR/CURRENT "
                                                    "(0: no hot reload).")] = 1.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+    device: DeviceOption = None,
 ) -> None:
     """Serve the current bundle over HTTP (FastAPI + uvicorn; OpenAPI at /docs)."""
     import os
 
     import uvicorn
 
+    from qarm.distributed import resolve_device
     from qarm.serve.bundle import current_version
     from qarm.serve.store import open_live_store
 
@@ -606,12 +608,14 @@ def serve(
         _fail(ConfigError("--workers > 1 needs a shared Redis store (--store redis://...); the SQLite store is for "
                           "one process"))
     try:
+        where = resolve_device(device or "cpu")  # a bad --device fails here, once, not in every worker
         if current_version(models_dir) is None:
             raise ConfigError(f"{models_dir}: no current bundle; run `qarm export RUN_DIR --to {models_dir}` first")
         open_live_store(target).close()  # fail here, not in every worker, when the store cannot be opened
     except QarmError as exc:
         _fail(exc)
     os.environ.update(QARM_MODELS_DIR=str(models_dir), QARM_STORE=target, QARM_RELOAD_INTERVAL=str(reload_interval),
+                      QARM_DEVICE=where.type,
                       QARM_THREADS=str(threads or max(1, (os.cpu_count() or 1) // workers)))
     console.print(f"serving {models_dir} (version {current_version(models_dir)}) on http://{host}:{port} "
                   f"with {workers} worker(s), store {target}", highlight=False, markup=False)

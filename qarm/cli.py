@@ -270,13 +270,20 @@ def align(
     fresh: Annotated[bool, typer.Option(help="Ignore training checkpoints in OUT and start over.")] = False,
     config: Annotated[Path | None, typer.Option("--config", help="YAML with sections user2item, pairs, encoder, train.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="SECTION.KEY=VALUE, e.g. train.max_steps=300")] = None,
+    device: DeviceOption = None,
 ) -> None:
-    """Align item content vectors with user behaviour: User2Item model, Swing, pair mining, contrastive fine-tuning."""
+    """Align item content vectors with user behaviour: User2Item model, Swing, pair mining, contrastive fine-tuning
+    (on --device; the User2Item model and the encoding passes run on the CPU)."""
     from qarm.align.stage import AlignStageConfig, align_dataset
+    from qarm.distributed import resolve_device
 
     try:
         data_cfg = load_yaml(config) if config else {}
-        stage_config = from_dict(AlignStageConfig, merge(data_cfg, parse_sets(set_)), where="align config")
+        sets = merge(data_cfg, parse_sets(set_))
+        if device is not None:
+            resolve_device(device)  # a bad value is named as the flag it came from
+            sets = merge(sets, {"train": {"device": device}})
+        stage_config = from_dict(AlignStageConfig, sets, where="align config")
         check_output_folder(out, {"dataset folder": data})
         align_dataset(data, out, stage_config, resume=not fresh,
                       log=lambda msg: console.print(msg, highlight=False, markup=False))
@@ -418,6 +425,11 @@ def train(
         _fail(ConfigError(f"--nproc must be >= 1, got {nproc}"))
     if nproc > 1 and warm_start is not None:
         _fail(ConfigError("--nproc with --warm-start is not supported: continue the last model in one process"))
+    try:
+        if device is not None:
+            resolve_device(device)  # a bad value is named as the flag it came from
+    except QarmError as exc:
+        _fail(exc)
     if warm_start is not None and window is not None:
         from qarm.train.continual import parse_window, train_warm_start
         from qarm.train.trainer import TrainConfig

@@ -359,3 +359,15 @@ def test_head_only_evaluation_ranks_targets_among_all_items(text_model, data) ->
     pooled = AlignConfig(**{**config.__dict__, "eval_candidates": "pool"})
     _, history = train_alignment(fresh_encoder(text_model, dataset), dataset, train, holdout, pooled, progress=False)
     assert history.evals[0]["pool_items"] < dataset.n_items
+
+
+def test_device_auto_trains_where_cuda_is_and_returns_the_encoder_on_the_cpu(text_model, data) -> None:
+    dataset, train, holdout = data
+    on_cpu, _ = train_alignment(fresh_encoder(text_model, dataset), dataset, train, holdout, CONFIG, progress=False)
+    auto, _ = train_alignment(fresh_encoder(text_model, dataset), dataset, train, holdout,
+                              AlignConfig(**{**CONFIG.__dict__, "device": "auto"}), progress=False)
+    assert {p.device.type for p in auto.parameters()} == {"cpu"}
+    for name, value in on_cpu.trainable_state().items():  # on this CPU machine: the same run
+        torch.testing.assert_close(auto.trainable_state()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    with pytest.raises(ConfigError, match="The 'device' parameter of AlignConfig must be 'cpu', 'cuda' or 'auto'"):
+        AlignConfig(device="gpu")

@@ -143,3 +143,9 @@ def test_cuda_training_matches_cpu_training(data_dir):
     for name, value in on_cpu.items():
         assert on_cuda[name].device.type == "cuda"
         torch.testing.assert_close(on_cuda[name].cpu(), value, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("command", ["train", "align"])
+def test_a_bad_device_is_named_as_the_flag(data_dir, tmp_path, command):
+    result = invoke(command, str(data_dir), "--out", str(tmp_path / "x"), "--device", "gpu")
+    assert result.exit_code == 2 and "--device must be one of cpu, cuda, auto; got 'gpu'" in result.output

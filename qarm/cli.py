@@ -271,11 +271,14 @@ def align(
     config: Annotated[Path | None, typer.Option("--config", help="YAML with sections user2item, pairs, encoder, train.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="SECTION.KEY=VALUE, e.g. train.max_steps=300")] = None,
     device: DeviceOption = None,
+    nproc: Annotated[int, typer.Option(help="Data-parallel processes for the contrastive fine-tuning (gloo on the "
+                                            "CPU, NCCL on CUDA); the other steps run alike in each. Under torchrun "
+                                            "leave it out.")] = 1,
 ) -> None:
     """Align item content vectors with user behaviour: User2Item model, Swing, pair mining, contrastive fine-tuning
     (on --device; the User2Item model and the encoding passes run on the CPU)."""
     from qarm.align.stage import AlignStageConfig, align_dataset
-    from qarm.distributed import resolve_device
+    from qarm.distributed import launched_world, process_group, resolve_device, spawn
 
     try:
         data_cfg = load_yaml(config) if config else {}
@@ -285,8 +288,17 @@ def align(
             sets = merge(sets, {"train": {"device": device}})
         stage_config = from_dict(AlignStageConfig, sets, where="align config")
         check_output_folder(out, {"dataset folder": data})
-        align_dataset(data, out, stage_config, resume=not fresh,
-                      log=lambda msg: console.print(msg, highlight=False, markup=False))
+        if nproc < 1:
+            raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+        where = resolve_device(stage_config.train.device)
+        if nproc > 1:
+            spawn(nproc, align_dataset, data, out, stage_config, device=where, threads=stage_config.torch_threads,
+                  resume=not fresh, log=say)
+        else:
+            with process_group(where):  # torchrun's ranks join one group; a lone process runs as it is
+                align_dataset(data, out, stage_config, resume=not fresh, log=say)
+            if launched_world()[0] != 0:
+                return
     except QarmError as exc:
         _fail(exc)
     show_markdown((out / "align_report.md").read_text())

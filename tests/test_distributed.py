@@ -149,3 +149,14 @@ def test_cuda_training_matches_cpu_training(data_dir):
 def test_a_bad_device_is_named_as_the_flag(data_dir, tmp_path, command):
     result = invoke(command, str(data_dir), "--out", str(tmp_path / "x"), "--device", "gpu")
     assert result.exit_code == 2 and "--device must be one of cpu, cuda, auto; got 'gpu'" in result.output
+
+
+def test_cli_align_nproc_2_writes_one_report(data_dir, tmp_path):
+    out = tmp_path / "align"
+    result = invoke("align", str(data_dir), "--out", str(out), "--nproc", "2", "--set", "train.max_steps=8",
+                    "--set", "train.eval_every=4", "--set", "train.batch_size=64", "--set", "user2item.epochs=1",
+                    "--set", "tsne_sample=0")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "align_report.json").read_text())
+    assert report["training"]["stopped"] == "max_steps" and len(report["training"]["steps"]) == 8
+    assert (out / "vectors.safetensors").exists() and (out / "encoder").is_dir()

@@ -66,7 +66,7 @@ from qarm.config import from_dict, to_dict
 from qarm.data.io import atomic_write_bytes
 from qarm.data.schema import Dataset
 from qarm.determinism import deterministic
-from qarm.distributed import DEVICES, DeviceName, resolve_device
+from qarm.distributed import DEVICES, DeviceName, barrier, rank, resolve_device, world_size
 from qarm.encode.cache import VectorCache, digest_arrays
 from qarm.encode.content import ContentEncoder, ContentEncoderConfig, ItemInputs, encode_items, save_encoder
 from qarm.encode.frozen import FrozenTextStates, build_text_states
@@ -364,7 +364,12 @@ class _Trainer:
                  progress: bool, on_step: Callable[[int, float], None] | None) -> None:
         if not encoder.is_fitted:
             raise QarmError("train_alignment needs a fitted ContentEncoder; call encoder.fit(dataset) first")
-        self.encoder, self.config, self.progress, self.on_step = encoder, config, progress, on_step
+        self.rank, self.world = rank(), world_size()
+        if config.batch_size % self.world:
+            raise ConfigError(f"train.batch_size {config.batch_size} must split evenly over the {self.world} "
+                              "data-parallel processes (--nproc): each encodes an equal share of every batch")
+        self.encoder, self.config, self.on_step = encoder, config, on_step
+        self.progress = progress and self.rank == 0
         self.out_dir = None if out_dir is None else Path(out_dir)
         n = dataset.n_items
         self.inputs = ItemInputs.from_dataset(dataset, [p for p in encoder.parts_ if p != "text"])
@@ -509,7 +514,7 @@ class _Trainer:
             self.history.best_metric, self.history.best_step = metric, self.step
             self.best_state = self.encoder.trainable_state()
             self.bad_evals = 0
-            if self.out_dir is not None:
+            if self.out_dir is not None and self.rank == 0:
                 meta = {"step": str(self.step), "metric": repr(metric), "monitor": self.config.monitor}
                 atomic_write_bytes(self.out_dir / BEST_FILE,
                                    save_torch({k: v.contiguous() for k, v in self.best_state.items()}, meta))
@@ -525,7 +530,7 @@ class _Trainer:
         return {"config": cfg, "encoder": json.dumps(record, sort_keys=True), "pairs": self.pairs_digest}
 
     def save_checkpoint(self) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or self.rank != 0:
             return
         payload = {
             "format": 1,
@@ -568,6 +573,7 @@ class _Trainer:
         self.history = AlignHistory.from_dict(json.loads(payload["history"]))
         self.best_state = payload["best_model"] or None
         self.history.resumed_from.append(self.step)
+        barrier()  # every rank has read the checkpoint before rank 0 may replace it
         return True
 
     # -- loop ----------------------------------------------------------------------------------------
@@ -575,9 +581,10 @@ class _Trainer:
     def run(self, resume: bool) -> tuple[ContentEncoder, AlignHistory]:
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if not resume:
+            if not resume and self.rank == 0:
                 for name in (CHECKPOINT_FILE, BEST_FILE):
                     (self.out_dir / name).unlink(missing_ok=True)
+            barrier()
         torch.manual_seed(self.config.seed)
         if resume and self.load_checkpoint():
             if self.progress:  # say so, terminal or not: a resumed run must not look like a fresh one
@@ -598,7 +605,7 @@ class _Trainer:
                     budget = self.config.time_budget_s
                     if self.step == self.max_steps:
                         stop = "max_steps" if self.max_steps == self.config.max_steps else "max_epochs"
-                    elif budget is not None and time.perf_counter() - start >= budget:
+                    elif budget is not None and self._agreed(time.perf_counter() - start >= budget):
                         stop = "time_budget"
                     # the last weights are always evaluated, so they can be the best ones
                     if self.step % self.config.eval_every == 0 or stop:
@@ -615,13 +622,33 @@ class _Trainer:
             self.encoder.load_trainable_state(self.best_state)
         return self.encoder, self.history
 
+    def _agreed(self, flag: bool) -> bool:
+        """Rank 0's answer on every rank (the ranks' clocks differ; all must stop at the same step)."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.log_q.device)
+        torch.distributed.broadcast(value, src=0)
+        return bool(value.item())
+
     def train_step(self) -> float:
+        """One step on the global batch. With several ranks each encodes its share ``rows[rank::world]``,
+        the shares' vectors are gathered (differentiably) so every rank computes the loss of the whole
+        batch (all the in-batch negatives), and the gradients are averaged: the step one process takes."""
         rows = self.batch_indices(self.step)
+        if self.world > 1:
+            rows = np.concatenate([rows[r::self.world] for r in range(self.world)])  # this order once gathered
+            mine = rows[self.rank * len(rows) // self.world:(self.rank + 1) * len(rows) // self.world]
+            a_mine, b_mine = self.encode_pairs(self.trigger[mine], self.target[mine])
+            a = torch.cat(all_gather_with_gradients(a_mine))
+            b = torch.cat(all_gather_with_gradients(b_mine))
+        else:
+            a, b = self.encode_pairs(self.trigger[rows], self.target[rows])
         trigger, target = self.trigger[rows], self.target[rows]
-        a, b = self.encode_pairs(trigger, target)
         loss = self.loss(a, b, trigger, target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world > 1:
+            average_gradients(self.encoder, self.world)
         if self.config.grad_clip is not None:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
@@ -631,6 +658,29 @@ class _Trainer:
         value = float(loss.detach())
         self.history.steps.append({"step": self.step, "loss": value, "lr": float(self.scheduler.get_last_lr()[-1])})
         return value
+
+
+def all_gather_with_gradients(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every rank's ``tensor`` (equal shapes), in rank order; gradients flow back to each rank's own.
+    Every rank computing the same loss of the gathered tensors, each rank's share receives ``world`` times
+    its gradient, which :func:`average_gradients` divides back."""
+    from torch.distributed.nn.functional import all_gather
+
+    return tuple(all_gather(tensor.contiguous()))
+
+
+def average_gradients(module: torch.nn.Module, world: int) -> None:
+    """Sum every parameter's gradient over the ranks and divide by ``world`` (one flat all-reduce)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -671,6 +721,8 @@ def run_alignment(
         train/                checkpoint.pt and best.safetensors (resume)
 
     ``cache_dir`` caches text embeddings and vectors (:class:`~qarm.encode.cache.VectorCache`).
+    Inside a process group (``qarm align --nproc N``, torchrun) every rank fits and encodes alike, the
+    training is data parallel (:func:`train_alignment`) and rank 0 alone writes ``out_dir``.
     """
     out_dir = Path(out_dir)
     config = config or AlignConfig()
@@ -690,6 +742,8 @@ def run_alignment(
     clock = time.perf_counter()
     aligned = encode_items(encoder, dataset, progress=progress, cache=cache)
     timings["encode_aligned"] = time.perf_counter() - clock
+    if rank() != 0:
+        return AlignmentResult(pretrained, aligned, encoder, history, out_dir, timings)
     save_encoder(encoder, out_dir / "encoder")
     atomic_write_bytes(out_dir / VECTORS_FILE, save_numpy({"pretrained": pretrained, "aligned": aligned}))
     record = {

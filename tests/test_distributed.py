@@ -5,6 +5,9 @@ batch (to float tolerance)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +163,15 @@ def test_cli_align_nproc_2_writes_one_report(data_dir, tmp_path):
     report = json.loads((out / "align_report.json").read_text())
     assert report["training"]["stopped"] == "max_steps" and len(report["training"]["steps"]) == 8
     assert (out / "vectors.safetensors").exists() and (out / "encoder").is_dir()
+
+
+def test_torchrun_runs_the_same_entry_point(data_dir, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "qarm",
+               "train", str(data_dir), "--out", str(out), "--model", "id_only", "--set", "train.epochs=1",
+               "--set", "train.batch_size=245", "--set", "history_length=20"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2 and report["history"]["examples"] == 3686
+    assert done.stdout.count("### click: GAUC") == 1  # rank 0 alone prints the metrics

@@ -16,8 +16,8 @@ single process holds them. TorchRec shards such tables across processes: each ta
 Installing it (pip must not replace torch; torchrec's metadata names the CUDA ``fbgemm-gpu``, which
 would overwrite the CPU files)::
 
-    pip install --no-deps torchrec==1.9.2 fbgemm-gpu-cpu==1.8.0
-    pip install tensordict==0.15.3 torchmetrics==1.0.3 pyre-extensions iopath   # (torch stays 2.13.0)
+    pip install -c constraints.txt -e '.[torchrec]'   # fbgemm-gpu-cpu 1.8.0, tensordict, torchmetrics, ...
+    pip install --no-deps torchrec==1.9.2             # torch stays 2.13.0
 
 Tested with torch 2.13.0+cpu, torchrec 1.9.2 and 1.8.0, fbgemm-gpu-cpu 1.8.0 (1.9.0 and 1.7.0 do not load
 against torch 2.13.0: docs/scale.md). Checkpoints of sharded tables are not written by
@@ -36,8 +36,8 @@ from torch import nn
 from qarm.errors import ConfigError
 from qarm.models.layers import IdEmbedding, VQEmbedding
 
-INSTALL_HINT = ("pip install --no-deps torchrec==1.9.2 fbgemm-gpu-cpu==1.8.0 && pip install tensordict==0.15.3 "
-                "torchmetrics==1.0.3 pyre-extensions iopath")
+INSTALL_HINT = ("pip install -c constraints.txt -e '.[torchrec]' && pip install --no-deps torchrec==1.9.2 "
+                "(docs/scale.md)")
 
 
 def torchrec_available() -> bool:

@@ -33,6 +33,10 @@ SetOption = Annotated[
     typer.Option("--set", help="Override an option: KEY=VALUE (loader options), or split.KEY=VALUE / "
                                "negatives.KEY=VALUE. Values are read as YAML (3, 0.5, true, text)."),
 ]
+DeviceOption = Annotated[
+    str | None,
+    typer.Option("--device", help="cpu, cuda, or auto (CUDA when available, else the CPU). Default: cpu."),
+]
 ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", help="YAML file with sections 'loader', 'split', 'negatives'."),
@@ -41,7 +45,8 @@ ConfigOption = Annotated[
 
 def say(message: str) -> None:
     """One progress or result line on stderr, printed as it is: never read as rich markup, never wrapped
-    or cut to the terminal's width (a path or a number stays whole, and greppable)."""
+    or cut to the terminal's width (a path or a number stays whole, and greppable). A module-level function:
+    data-parallel ranks are handed it."""
     console.print(message, highlight=False, markup=False, soft_wrap=True)
 
 
@@ -271,16 +276,35 @@ def align(
     fresh: Annotated[bool, typer.Option(help="Ignore training checkpoints in OUT and start over.")] = False,
     config: Annotated[Path | None, typer.Option("--config", help="YAML with sections user2item, pairs, encoder, train.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="SECTION.KEY=VALUE, e.g. train.max_steps=300")] = None,
+    device: DeviceOption = None,
+    nproc: Annotated[int, typer.Option(help="Data-parallel processes for the contrastive fine-tuning (gloo on the "
+                                            "CPU, NCCL on CUDA); the other steps run alike in each. Under torchrun "
+                                            "leave it out.")] = 1,
 ) -> None:
-    """Align item content vectors with user behaviour: User2Item model, Swing, pair mining, contrastive fine-tuning."""
+    """Align item content vectors with user behaviour: User2Item model, Swing, pair mining, contrastive fine-tuning
+    (on --device; the User2Item model and the encoding passes run on the CPU)."""
     from qarm.align.stage import AlignStageConfig, align_dataset
+    from qarm.distributed import launched_world, process_group, resolve_device, spawn
 
     try:
         data_cfg = load_yaml(config) if config else {}
-        stage_config = from_dict(AlignStageConfig, merge(data_cfg, parse_sets(set_)), where="align config")
+        sets = merge(data_cfg, parse_sets(set_))
+        if device is not None:
+            resolve_device(device)  # a bad value is named as the flag it came from
+            sets = merge(sets, {"train": {"device": device}})
+        stage_config = from_dict(AlignStageConfig, sets, where="align config")
         check_output_folder(out, {"dataset folder": data})
-        align_dataset(data, out, stage_config, resume=not fresh,
-                      log=say)
+        if nproc < 1:
+            raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+        where = resolve_device(stage_config.train.device)
+        if nproc > 1:
+            spawn(nproc, align_dataset, data, out, stage_config, device=where, threads=stage_config.torch_threads,
+                  resume=not fresh, log=say)
+        else:
+            with process_group(where):  # torchrun's ranks join one group; a lone process runs as it is
+                align_dataset(data, out, stage_config, resume=not fresh, log=say)
+            if launched_world()[0] != 0:
+                return
     except QarmError as exc:
         _fail(exc)
     show_markdown((out / "align_report.md").read_text())
@@ -405,14 +429,31 @@ def train(
                                                "the events a --warm-start trains on.")] = None,
     replay_fraction: Annotated[float, typer.Option(help="With --warm-start: older events mixed in, as a share of "
                                                    "the window's.")] = 0.0,
+    device: DeviceOption = None,
+    nproc: Annotated[int, typer.Option(help="Data-parallel training processes on this machine (DDP: gloo on the "
+                                            "CPU, NCCL on CUDA), each training its share of every batch. Under "
+                                            "torchrun leave it out.")] = 1,
 ) -> None:
     """Train and evaluate one ranking model (AUC / UAUC / GAUC / logloss per segment), or with --warm-start
-    continue the last one on a time window (then `qarm export OUT` serves it)."""
+    continue the last one on a time window (then `qarm export OUT` serves it).
+
+    Data parallel: `qarm train DATA --out OUT --nproc 2`, or `torchrun --nproc_per_node 2 -m qarm train DATA
+    --out OUT` (several machines: torchrun's --nnodes / --rdzv-endpoint); rank 0 writes OUT."""
+    from qarm.distributed import launched_world, process_group, resolve_device, spawn
     from qarm.evaluate.report import write_report
     from qarm.train.stage import RankingConfig, train_ranking
 
     if (warm_start is None) != (window is None):
         _fail(ConfigError("--warm-start and --window go together"))
+    if nproc < 1:
+        _fail(ConfigError(f"--nproc must be >= 1, got {nproc}"))
+    if nproc > 1 and warm_start is not None:
+        _fail(ConfigError("--nproc with --warm-start is not supported: continue the last model in one process"))
+    try:
+        if device is not None:
+            resolve_device(device)  # a bad value is named as the flag it came from
+    except QarmError as exc:
+        _fail(exc)
     if warm_start is not None and window is not None:
         from qarm.train.continual import parse_window, train_warm_start
         from qarm.train.trainer import TrainConfig
@@ -423,7 +464,8 @@ def train(
             if unknown:
                 raise ConfigError(f"with --warm-start the model and its config are the last model's; only train.* "
                                   f"settings apply (got {unknown})")
-            train_config = TrainConfig.from_dict({"epochs": 1, **(sets.get("train") or {})})
+            train_config = TrainConfig.from_dict({"epochs": 1, **(sets.get("train") or {}),
+                                                  **({"device": device} if device else {})})
             check_output_folder(out, {"dataset folder": data, "--codes folder": codes, "--vectors folder": vectors,
                                       "--warm-start model": warm_start})
             train_warm_start(data, out, warm_start, parse_window(window), quantize_dir=codes, align_dir=vectors,
@@ -436,10 +478,21 @@ def train(
     try:
         options = merge(load_yaml(config) if config else {}, parse_sets(set_))
         options.setdefault("model", model)
+        if device is not None:
+            options = merge(options, {"train": {"device": device}})
         ranking = RankingConfig.from_dict(options)
+        where = resolve_device(ranking.train.device)
         check_output_folder(out, {"dataset folder": data, "--codes folder": codes, "--vectors folder": vectors})
-        report = train_ranking(data, out, ranking, quantize_dir=codes, align_dir=vectors, resume=not fresh,
-                               progress=True, log=say)
+        arguments: dict[str, Any] = {"quantize_dir": codes, "align_dir": vectors, "resume": not fresh,
+                                     "progress": True, "log": say}
+        if nproc > 1:
+            spawn(nproc, train_ranking, data, out, ranking, device=where, threads=ranking.train.threads, **arguments)
+            report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+        else:
+            with process_group(where):  # torchrun's ranks join one group; a lone process runs as it is
+                report = train_ranking(data, out, ranking, **arguments)
+            if launched_world()[0] != 0:
+                return
         _, md = write_report(out / "metrics", {ranking.model: report["metrics"]}, metrics=("gauc", "auc", "logloss"))
     except QarmError as exc:
         _fail(exc)
@@ -573,12 +626,14 @@ def serve(
     reload_interval: Annotated[float, typer.Option(help="Seconds between checks of MODELS_DIR/CURRENT "
                                                    "(0: no hot reload).")] = 1.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+    device: DeviceOption = None,
 ) -> None:
     """Serve the current bundle over HTTP (FastAPI + uvicorn; OpenAPI at /docs)."""
     import os
 
     import uvicorn
 
+    from qarm.distributed import resolve_device
     from qarm.serve.bundle import current_version
     from qarm.serve.store import open_live_store
 
@@ -589,12 +644,14 @@ def serve(
         _fail(ConfigError("--workers > 1 needs a shared Redis store (--store redis://...); the SQLite store is for "
                           "one process"))
     try:
+        where = resolve_device(device or "cpu")  # a bad --device fails here, once, not in every worker
         if current_version(models_dir) is None:
             raise ConfigError(f"{models_dir}: no current bundle; run `qarm export RUN_DIR --to {models_dir}` first")
         open_live_store(target).close()  # fail here, not in every worker, when the store cannot be opened
     except QarmError as exc:
         _fail(exc)
     os.environ.update(QARM_MODELS_DIR=str(models_dir), QARM_STORE=target, QARM_RELOAD_INTERVAL=str(reload_interval),
+                      QARM_DEVICE=where.type,
                       QARM_THREADS=str(threads or max(1, (os.cpu_count() or 1) // workers)))
     say(f"serving {models_dir} (version {current_version(models_dir)}) on http://{host}:{port} "
         f"with {workers} worker(s), store {target}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -359,3 +360,48 @@ def test_head_only_evaluation_ranks_targets_among_all_items(text_model, data) ->
     pooled = AlignConfig(**{**config.__dict__, "eval_candidates": "pool"})
     _, history = train_alignment(fresh_encoder(text_model, dataset), dataset, train, holdout, pooled, progress=False)
     assert history.evals[0]["pool_items"] < dataset.n_items
+
+
+def test_device_auto_trains_where_cuda_is_and_returns_the_encoder_on_the_cpu(text_model, data) -> None:
+    dataset, train, holdout = data
+    on_cpu, _ = train_alignment(fresh_encoder(text_model, dataset), dataset, train, holdout, CONFIG, progress=False)
+    auto, _ = train_alignment(fresh_encoder(text_model, dataset), dataset, train, holdout,
+                              AlignConfig(**{**CONFIG.__dict__, "device": "auto"}), progress=False)
+    assert {p.device.type for p in auto.parameters()} == {"cpu"}
+    for name, value in on_cpu.trainable_state().items():  # on this CPU machine: the same run
+        torch.testing.assert_close(auto.trainable_state()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    with pytest.raises(ConfigError, match="The 'device' parameter of AlignConfig must be 'cpu', 'cuda' or 'auto'"):
+        AlignConfig(device="gpu")
+
+
+HEAD_ONLY = AlignConfig(batch_size=8, max_steps=6, warmup_steps=2, eval_every=3, eval_pairs=8, checkpoint_every=3,
+                        trainable_layers=0, patience=10, head_lr=1e-2, monitor="holdout_loss")
+
+
+def align_on_rank(out: Path) -> None:
+    """In each spawned rank: the head-only alignment of the tiny dataset; save this rank's weights."""
+    from qarm.distributed import rank
+
+    dataset, train, holdout = tiny_dataset_pairs()
+    encoder, _ = train_alignment(fresh_encoder(load_text_model(), dataset), dataset, train, holdout, HEAD_ONLY,
+                                 out / "train", progress=False)
+    torch.save(encoder.trainable_state(), out / f"weights{rank()}.pt")
+
+
+def tiny_dataset_pairs():
+    dataset, topic = tiny_dataset()
+    return (dataset, *same_topic_pairs(topic))
+
+
+def test_two_ranks_align_like_one_process_with_the_same_global_batch(text_model, data, tmp_path) -> None:
+    from qarm.distributed import spawn
+
+    spawn(2, align_on_rank, tmp_path)
+    dataset, train, holdout = data
+    single, _ = train_alignment(fresh_encoder(text_model, dataset), dataset, train, holdout, HEAD_ONLY,
+                                progress=False)
+    ranks = [torch.load(tmp_path / f"weights{r}.pt", weights_only=True) for r in range(2)]
+    for name, value in single.trainable_state().items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert (tmp_path / "train" / "checkpoint.pt").exists()  # rank 0's

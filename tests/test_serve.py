@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from qarm.data.io import load_dataset
+from qarm.errors import ConfigError
 from qarm.quantize.store import CodeVersionError
 from qarm.serve.app import Service, create_app
 from qarm.serve.bundle import (
@@ -344,3 +346,15 @@ def test_the_service_runs_on_redis(models: Path, redis_url: str, text_model):
         assert rank(c, "9", ["r-1", "1"])["scores"][0]["item_id"] == "r-1"
         assert c.get("/readyz").json()["store"].startswith("redis")
     assert store.user_positives("9", 5) == [("r-1", 5)]
+
+
+def test_the_service_runs_its_model_on_the_device_asked(models: Path, text_model):
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    app = create_app(models, models / "live.sqlite", reload_interval=0, text_model=text_model, warm_encoder=False,
+                     device="auto")
+    scorer = app.state.service.scorer
+    assert scorer.describe()["device"] == expected
+    assert {p.device.type for p in scorer.model.parameters()} == {expected.split(":")[0]}
+    assert np.isfinite(scorer.score(next(iter(scorer.user_index)), list(scorer.item_index)[:3])).all()
+    with pytest.raises(ConfigError, match="--device must be one of cpu, cuda, auto; got 'gpu'"):
+        create_app(models, models / "live.sqlite", reload_interval=0, text_model=text_model, device="gpu")

@@ -66,6 +66,7 @@ from qarm.config import from_dict, to_dict
 from qarm.data.io import atomic_write_bytes
 from qarm.data.schema import Dataset
 from qarm.determinism import deterministic
+from qarm.distributed import DEVICES, DeviceName, barrier, rank, resolve_device, world_size
 from qarm.encode.cache import VectorCache, digest_arrays
 from qarm.encode.content import ContentEncoder, ContentEncoderConfig, ItemInputs, encode_items, save_encoder
 from qarm.encode.frozen import FrozenTextStates, build_text_states
@@ -83,7 +84,7 @@ BEST_FILE = "best.safetensors"
 VECTORS_FILE = "vectors.safetensors"
 RECORD_FILE = "alignment.json"
 Monitor = Literal["holdout_loss", "holdout_recall@10"]
-_RESUMABLE_KEYS_IGNORED = ("time_budget_s",)  # may change between a run and its resume
+_RESUMABLE_KEYS_IGNORED = ("time_budget_s", "device")  # may change between a run and its resume
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,6 +210,7 @@ class AlignConfig:
     seed: int = 0  # batch order (per-epoch permutations), eval sample and dropout
     logq_correction: bool = True  # subtract each candidate's log pair frequency (measured: 0.046 -> 0.070 R@10)
     frozen_cache: Literal["float32", "float16", "off"] = "float32"  # cache the frozen layers' output (exact)
+    device: DeviceName = "cpu"  # where the encoder trains: "cuda", or "auto" (CUDA when available)
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -251,6 +253,8 @@ class AlignConfig:
             raise bad("eval_candidates", "'auto', 'all' or 'pool'")
         if self.monitor not in ("holdout_loss", "holdout_recall@10"):
             raise bad("monitor", "'holdout_loss' or 'holdout_recall@10'")
+        if self.device not in DEVICES:
+            raise bad("device", "'cpu', 'cuda' or 'auto'")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> AlignConfig:
@@ -339,14 +343,20 @@ def train_alignment(
 
     Returns
     -------
-    (encoder, history): the encoder with the best held-out weights loaded, in eval mode.
+    (encoder, history): the encoder with the best held-out weights loaded, in eval mode, on the CPU (it
+    trains on ``config.device``).
 
     Seeds torch's global RNG with ``config.seed`` (dropout), as training loops do.
     """
     config = config or AlignConfig()
-    with deterministic():  # repeatable on several threads (qarm.determinism)
-        trainer = _Trainer(encoder, dataset, train_pairs, holdout_pairs, config, out_dir, progress, on_step)
-        return trainer.run(resume)
+    device = resolve_device(config.device, "--device (train.device)")
+    encoder.to(device)
+    try:
+        with deterministic():  # repeatable on several threads (qarm.determinism)
+            trainer = _Trainer(encoder, dataset, train_pairs, holdout_pairs, config, out_dir, progress, on_step)
+            return trainer.run(resume)
+    finally:
+        encoder.to("cpu")
 
 
 class _Trainer:
@@ -355,7 +365,12 @@ class _Trainer:
                  progress: bool, on_step: Callable[[int, float], None] | None) -> None:
         if not encoder.is_fitted:
             raise QarmError("train_alignment needs a fitted ContentEncoder; call encoder.fit(dataset) first")
-        self.encoder, self.config, self.progress, self.on_step = encoder, config, progress, on_step
+        self.rank, self.world = rank(), world_size()
+        if config.batch_size % self.world:
+            raise ConfigError(f"train.batch_size {config.batch_size} must split evenly over the {self.world} "
+                              "data-parallel processes (--nproc): each encodes an equal share of every batch")
+        self.encoder, self.config, self.on_step = encoder, config, on_step
+        self.progress = progress and self.rank == 0
         self.out_dir = None if out_dir is None else Path(out_dir)
         n = dataset.n_items
         self.inputs = ItemInputs.from_dataset(dataset, [p for p in encoder.parts_ if p != "text"])
@@ -381,7 +396,8 @@ class _Trainer:
         self.states = self.frozen_states(encoder, config, progress)
         # Sampling-bias correction: an item is a candidate in proportion to its share of the pair ends.
         counts = np.bincount(np.concatenate([self.trigger, self.target]), minlength=n).astype(np.float64)
-        self.log_q = torch.from_numpy(np.log(np.maximum(counts, 1.0) / max(1.0, counts.sum()))).float()
+        self.log_q = torch.from_numpy(np.log(np.maximum(counts, 1.0) / max(1.0, counts.sum()))).float().to(
+            next(encoder.parameters()).device)
         head = [p for n_, p in encoder.named_parameters() if p.requires_grad and not n_.startswith("text_model.")]
         text = [p for n_, p in encoder.named_parameters() if p.requires_grad and n_.startswith("text_model.")]
         groups = [{"params": head, "lr": config.head_lr}]
@@ -439,7 +455,8 @@ class _Trainer:
     def loss(self, a: torch.Tensor, b: torch.Tensor, trigger: np.ndarray, target: np.ndarray) -> torch.Tensor:
         logq = {}
         if self.config.logq_correction:
-            logq = {"a_logq": self.log_q[torch.from_numpy(trigger)], "b_logq": self.log_q[torch.from_numpy(target)]}
+            logq = {"a_logq": self.log_q[torch.from_numpy(trigger).to(self.log_q.device)],
+                    "b_logq": self.log_q[torch.from_numpy(target).to(self.log_q.device)]}
         return info_nce(a, b, self.config.temperature, trigger, target, **logq)
 
     # -- evaluation ----------------------------------------------------------------------------------
@@ -498,7 +515,7 @@ class _Trainer:
             self.history.best_metric, self.history.best_step = metric, self.step
             self.best_state = self.encoder.trainable_state()
             self.bad_evals = 0
-            if self.out_dir is not None:
+            if self.out_dir is not None and self.rank == 0:
                 meta = {"step": str(self.step), "metric": repr(metric), "monitor": self.config.monitor}
                 atomic_write_bytes(self.out_dir / BEST_FILE,
                                    save_torch({k: v.contiguous() for k, v in self.best_state.items()}, meta))
@@ -514,7 +531,7 @@ class _Trainer:
         return {"config": cfg, "encoder": json.dumps(record, sort_keys=True), "pairs": self.pairs_digest}
 
     def save_checkpoint(self) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or self.rank != 0:
             return
         payload = {
             "format": 1,
@@ -557,6 +574,7 @@ class _Trainer:
         self.history = AlignHistory.from_dict(json.loads(payload["history"]))
         self.best_state = payload["best_model"] or None
         self.history.resumed_from.append(self.step)
+        barrier()  # every rank has read the checkpoint before rank 0 may replace it
         return True
 
     # -- loop ----------------------------------------------------------------------------------------
@@ -564,9 +582,10 @@ class _Trainer:
     def run(self, resume: bool) -> tuple[ContentEncoder, AlignHistory]:
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if not resume:
+            if not resume and self.rank == 0:
                 for name in (CHECKPOINT_FILE, BEST_FILE):
                     (self.out_dir / name).unlink(missing_ok=True)
+            barrier()
         torch.manual_seed(self.config.seed)
         if resume and self.load_checkpoint():
             if self.progress:  # say so, terminal or not: a resumed run must not look like a fresh one
@@ -587,7 +606,7 @@ class _Trainer:
                     budget = self.config.time_budget_s
                     if self.step == self.max_steps:
                         stop = "max_steps" if self.max_steps == self.config.max_steps else "max_epochs"
-                    elif budget is not None and time.perf_counter() - start >= budget:
+                    elif budget is not None and self._agreed(time.perf_counter() - start >= budget):
                         stop = "time_budget"
                     # the last weights are always evaluated, so they can be the best ones
                     if self.step % self.config.eval_every == 0 or stop:
@@ -604,13 +623,33 @@ class _Trainer:
             self.encoder.load_trainable_state(self.best_state)
         return self.encoder, self.history
 
+    def _agreed(self, flag: bool) -> bool:
+        """Rank 0's answer on every rank (the ranks' clocks differ; all must stop at the same step)."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.log_q.device)
+        torch.distributed.broadcast(value, src=0)
+        return bool(value.item())
+
     def train_step(self) -> float:
+        """One step on the global batch. With several ranks each encodes its share ``rows[rank::world]``,
+        the shares' vectors are gathered (differentiably) so every rank computes the loss of the whole
+        batch (all the in-batch negatives), and the gradients are averaged: the step one process takes."""
         rows = self.batch_indices(self.step)
+        if self.world > 1:
+            rows = np.concatenate([rows[r::self.world] for r in range(self.world)])  # this order once gathered
+            mine = rows[self.rank * len(rows) // self.world:(self.rank + 1) * len(rows) // self.world]
+            a_mine, b_mine = self.encode_pairs(self.trigger[mine], self.target[mine])
+            a = torch.cat(all_gather_with_gradients(a_mine))
+            b = torch.cat(all_gather_with_gradients(b_mine))
+        else:
+            a, b = self.encode_pairs(self.trigger[rows], self.target[rows])
         trigger, target = self.trigger[rows], self.target[rows]
-        a, b = self.encode_pairs(trigger, target)
         loss = self.loss(a, b, trigger, target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world > 1:
+            average_gradients(self.encoder, self.world)
         if self.config.grad_clip is not None:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
@@ -620,6 +659,29 @@ class _Trainer:
         value = float(loss.detach())
         self.history.steps.append({"step": self.step, "loss": value, "lr": float(self.scheduler.get_last_lr()[-1])})
         return value
+
+
+def all_gather_with_gradients(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every rank's ``tensor`` (equal shapes), in rank order; gradients flow back to each rank's own.
+    Every rank computing the same loss of the gathered tensors, each rank's share receives ``world`` times
+    its gradient, which :func:`average_gradients` divides back."""
+    from torch.distributed.nn.functional import all_gather
+
+    return tuple(all_gather(tensor.contiguous()))
+
+
+def average_gradients(module: torch.nn.Module, world: int) -> None:
+    """Sum every parameter's gradient over the ranks and divide by ``world`` (one flat all-reduce)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -662,6 +724,8 @@ def run_alignment(
 
     ``cache_dir`` caches text embeddings and vectors (:class:`~qarm.encode.cache.VectorCache`); ``run_id``
     (:mod:`qarm.provenance`) goes into the vectors' metadata and the record.
+    Inside a process group (``qarm align --nproc N``, torchrun) every rank fits and encodes alike, the
+    training is data parallel (:func:`train_alignment`) and rank 0 alone writes ``out_dir``.
     """
     out_dir = Path(out_dir)
     config = config or AlignConfig()
@@ -681,6 +745,8 @@ def run_alignment(
     clock = time.perf_counter()
     aligned = encode_items(encoder, dataset, progress=progress, cache=cache)
     timings["encode_aligned"] = time.perf_counter() - clock
+    if rank() != 0:
+        return AlignmentResult(pretrained, aligned, encoder, history, out_dir, timings)
     save_encoder(encoder, out_dir / "encoder")
     atomic_write_bytes(out_dir / VECTORS_FILE, save_numpy({"pretrained": pretrained, "aligned": aligned},
                                                           metadata=None if run_id is None else {RUN_ID_KEY: run_id}))

@@ -46,6 +46,7 @@ from qarm.align.user2item import User2ItemConfig, evaluate_popularity, item_embe
 from qarm.config import to_dict
 from qarm.data import schema as S
 from qarm.data.io import atomic_write_bytes, load_dataset, write_json
+from qarm.distributed import is_main_process, rank
 from qarm.encode.content import ContentEncoderConfig
 
 if TYPE_CHECKING:
@@ -82,10 +83,17 @@ def align_dataset(
     progress: bool = True,
     log: Log = print,
 ) -> dict[str, Any]:
-    """Run the alignment stage on a prepared dataset folder and write ``out_dir``; return the report."""
+    """Run the alignment stage on a prepared dataset folder and write ``out_dir``; return the report.
+
+    Inside a process group (``qarm align --nproc N``, torchrun) the contrastive fine-tuning is data
+    parallel (:func:`~qarm.align.contrastive.train_alignment`); the other steps are deterministic and run
+    alike on every rank, and rank 0 alone writes and logs (the other ranks return ``{"rank": r}``)."""
     config = config or AlignStageConfig()
     out_dir = Path(out_dir)
     dataset = load_dataset(dataset_dir, ground_truth=True)  # refused (e.g. mixed files) before OUT is made
+    main = is_main_process()
+    log = log if main else (lambda line: None)
+    progress = progress and main
     out_dir.mkdir(parents=True, exist_ok=True)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
@@ -95,7 +103,8 @@ def align_dataset(
     start = time.perf_counter()
     log("align: training the User2Item two-tower model ...")
     model, u2i_metrics = train_user2item(dataset, config.user2item, progress=progress, log=log)
-    save_user2item(model, out_dir / "user2item", u2i_metrics)
+    if main:
+        save_user2item(model, out_dir / "user2item", u2i_metrics)
     popularity = evaluate_popularity(dataset, k=50)
     seconds["user2item"] = time.perf_counter() - start
     log(f"align: User2Item {_fmt(u2i_metrics)} (popularity {_fmt(popularity)})")
@@ -111,7 +120,8 @@ def align_dataset(
     part = {key: "holdout_stopping" for key in zip(stopping["trigger"], stopping["target"])}
     part.update({key: "holdout_test" for key in zip(test["trigger"], test["target"])})
     pairs["part"] = [part.get(key, "train") for key in zip(pairs["trigger"], pairs["target"])]
-    atomic_write_bytes(out_dir / PAIRS_FILE, _parquet_bytes(pairs, run_id))
+    if main:
+        atomic_write_bytes(out_dir / PAIRS_FILE, _parquet_bytes(pairs, run_id))
     seconds["pairs"] = time.perf_counter() - start
     counts = {**mined.counts, "holdout_stopping": len(stopping), "holdout_test": len(test)}
     log(f"align: pairs {counts}")
@@ -122,6 +132,8 @@ def align_dataset(
                            run_id=run_id)
     seconds.update({f"align_{k}": v for k, v in result.timings.items()})
     seconds["alignment"] = time.perf_counter() - start
+    if not main:
+        return {"rank": rank()}
 
     start = time.perf_counter()
     evaluation = evaluate_vectors(dataset, result.pretrained, result.aligned, test, out_dir,

@@ -404,7 +404,8 @@ class ContentEncoder(nn.Module):
         missing = [p for p in self.parts_ if p not in parts]
         if missing:
             raise ValueError(f"missing parts {missing}; this encoder fuses {self.parts_}")
-        h = [F.normalize(proj(parts[p].float()), dim=-1) for p, proj in zip(self.parts_, self.projections)]
+        device = self.part_weights.device  # the parts come from the CPU (cached vectors, states) or the text model
+        h = [F.normalize(proj(parts[p].to(device).float()), dim=-1) for p, proj in zip(self.parts_, self.projections)]
         fusion = self.config.fusion
         scale = self.part_weights.sqrt()
         weighted = torch.cat([x * s for x, s in zip(h, scale)], dim=1) if fusion == "concat" or \
@@ -551,7 +552,7 @@ class ContentEncoder(nn.Module):
         """
         state = self.state_dict()
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {n: t.detach().clone() for n, t in state.items()
+        return {n: t.detach().cpu().clone() for n, t in state.items()
                 if n in trainable or not n.startswith("text_model.")}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:

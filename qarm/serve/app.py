@@ -37,6 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from qarm.distributed import resolve_device
 from qarm.errors import QarmError
 from qarm.serve.bundle import current_version, load_bundle
 from qarm.serve.scorer import Scorer, UnknownItems, shared_text_model
@@ -141,8 +142,9 @@ class Service:
     store, and the reload thread."""
 
     def __init__(self, models_dir: str | Path, store: LiveStore, *, reload_interval: float = 1.0,
-                 text_model: Any = None, warm_encoder: bool = True) -> None:
+                 text_model: Any = None, warm_encoder: bool = True, device: str = "cpu") -> None:
         self.models_dir = Path(models_dir)
+        self.device = device
         self.store = store
         self.reload_interval = reload_interval
         self.metrics = Metrics()
@@ -163,7 +165,8 @@ class Service:
         bundle = load_bundle(self.models_dir / "versions" / version)
         if bundle.codes_version is not None:
             self.store.bind(bundle.codes_version)
-        return Scorer(bundle, self.store.items_since(0), text_model=shared_text_model(self._text_model))
+        return Scorer(bundle, self.store.items_since(0), text_model=shared_text_model(self._text_model),
+                      device=self.device)
 
     def _publish(self) -> None:
         s = self.scorer
@@ -266,16 +269,19 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
 
 
 def create_app(models_dir: str | Path, store: LiveStore | str | Path | None = None, *, reload_interval: float = 1.0,
-               text_model: Any = None, warm_encoder: bool = True) -> FastAPI:
+               text_model: Any = None, warm_encoder: bool = True, device: str = "cpu") -> FastAPI:
     """The FastAPI app serving ``models_dir``'s current bundle.
 
     ``store``: a :class:`LiveStore`, a URL / path for :func:`open_live_store`, or None for
     ``models_dir/live.sqlite``. The reload thread starts with the app (lifespan) and stops with it.
+    ``device``: ``cpu``, ``cuda`` or ``auto`` (:func:`qarm.distributed.resolve_device`), where the
+    ranking model runs.
     """
     models_dir = Path(models_dir)
+    where = str(resolve_device(device))
     live = store if isinstance(store, LiveStore) else open_live_store(store or models_dir / "live.sqlite")
     service = Service(models_dir, live, reload_interval=reload_interval, text_model=text_model,
-                      warm_encoder=warm_encoder)
+                      warm_encoder=warm_encoder, device=where)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -432,7 +438,8 @@ def _added_name(scorer: Scorer, dense: int) -> str:
 
 def app_from_env() -> FastAPI:
     """The app factory ``qarm serve`` hands to uvicorn (so that ``--workers N`` builds one per process):
-    ``QARM_MODELS_DIR``, ``QARM_STORE`` (optional), ``QARM_RELOAD_INTERVAL`` (seconds), ``QARM_THREADS``."""
+    ``QARM_MODELS_DIR``, ``QARM_STORE`` (optional), ``QARM_RELOAD_INTERVAL`` (seconds), ``QARM_THREADS``,
+    ``QARM_DEVICE`` (cpu, cuda or auto; default cpu)."""
     threads = os.environ.get("QARM_THREADS")
     if threads:
         import torch
@@ -440,4 +447,5 @@ def app_from_env() -> FastAPI:
         torch.set_num_threads(int(threads))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return create_app(os.environ["QARM_MODELS_DIR"], os.environ.get("QARM_STORE") or None,
-                      reload_interval=float(os.environ.get("QARM_RELOAD_INTERVAL", "1.0")))
+                      reload_interval=float(os.environ.get("QARM_RELOAD_INTERVAL", "1.0")),
+                      device=os.environ.get("QARM_DEVICE", "cpu"))

@@ -155,11 +155,13 @@ class Scorer:
     bundle : Bundle
     added : sequence of NewItem, items added after the bundle (ordinals 0..len-1)
     codebooks : Codebooks or None (built from the bundle)
+    device : where the ranking model runs (the CPU by default; new items' content encoder stays on the CPU)
     """
 
     def __init__(self, bundle: Bundle, added: Sequence[NewItem] = (), *, codebooks: Codebooks | None = None,
-                 text_model: Any = None) -> None:
+                 text_model: Any = None, device: torch.device | str = "cpu") -> None:
         self.bundle = bundle
+        self.device = torch.device(device)
         self.tasks = bundle.tasks
         self.version = bundle.version
         self.codes_version = bundle.codes_version
@@ -235,7 +237,7 @@ class Scorer:
         user = state["user_id.weight"]
         state["user_id.weight"] = torch.cat([user, torch.zeros(1, user.shape[1], dtype=user.dtype)])
         model.load_state_dict(state)
-        return model.eval()
+        return model.to(self.device).eval()
 
     def with_items(self, items: Sequence[NewItem]) -> Scorer:
         """A new Scorer that also knows ``items`` (ordinals continuing this one's); this one is unchanged."""
@@ -304,7 +306,7 @@ class Scorer:
         batch = assemble_batch(np.full(c, user, dtype=np.int64), items, np.repeat(history[None, :], c, axis=0),
                                user_feature_codes=self.user_feature_codes, item_category=self.item_category)
         with torch.no_grad():
-            return torch.sigmoid(self.model(batch)).double().numpy()
+            return torch.sigmoid(self.model(batch.to(self.device))).double().cpu().numpy()
 
     def encode_items(self, texts: list[str], vectors: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray,
                                                                                      np.ndarray]:
@@ -319,7 +321,8 @@ class Scorer:
     def describe(self) -> dict[str, Any]:
         return {"model_version": self.version, "codes_version": self.codes_version, "model": self.bundle.manifest["model"],
                 "tasks": list(self.tasks), "catalogue_items": self.n_catalogue, "added_items": self.n_added,
-                "users": self.spec.n_users, "history_length": self.history_length, "path": str(self.bundle.path)}
+                "users": self.spec.n_users, "history_length": self.history_length, "path": str(self.bundle.path),
+                "device": str(self.device)}
 
 
 def _vector_name(model: nn.Module) -> str | None:
@@ -329,8 +332,9 @@ def _vector_name(model: nn.Module) -> str | None:
     return str(getattr(config, "vector", None))
 
 
-def load_scorer(folder: str | Path, added: Sequence[NewItem] = (), *, text_model: Any = None) -> Scorer:
+def load_scorer(folder: str | Path, added: Sequence[NewItem] = (), *, text_model: Any = None,
+                device: torch.device | str = "cpu") -> Scorer:
     """A Scorer of the bundle in ``folder`` (see :func:`qarm.serve.bundle.load_bundle`)."""
     from qarm.serve.bundle import load_bundle
 
-    return Scorer(load_bundle(folder), added, text_model=text_model)
+    return Scorer(load_bundle(folder), added, text_model=text_model, device=device)

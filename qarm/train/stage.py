@@ -28,13 +28,14 @@ import pyarrow.parquet as pq
 from qarm import __version__, provenance
 from qarm.config import from_dict, to_dict
 from qarm.data.io import write_json
+from qarm.distributed import is_main_process, rank, world_size
 from qarm.errors import ConfigError
 from qarm.evaluate.metrics import OVERALL, evaluate_predictions
 from qarm.evaluate.report import worse_than_constant
 from qarm.features.examples import ExampleSource
 from qarm.features.tables import ItemTables
 from qarm.models import build_model, describe_model, model_config
-from qarm.train.trainer import BEST_FILE, TrainConfig, predict, train
+from qarm.train.trainer import BEST_FILE, TrainConfig, device_of, predict, train
 
 REPORT_FILE = "report.json"
 PREDICTIONS_FILE = "predictions.parquet"
@@ -132,10 +133,15 @@ def train_ranking(dataset_dir: str | Path | None, out_dir: str | Path, config: R
     Returns
     -------
     dict, also written to ``report.json``: ``metrics`` is :func:`evaluate_predictions`'s report on
-    ``eval_split``; ``examples_per_second`` the training speed.
+    ``eval_split``; ``examples_per_second`` the training speed (all ranks together).
+
+    Inside a process group (torchrun, ``qarm train --nproc N``) every rank trains its share of each batch
+    (:mod:`qarm.train.trainer`); rank 0 alone evaluates and writes, the other ranks return
+    ``{"rank": r, "history": ...}`` once training ends.
     """
     config = config or RankingConfig()
-    say = log or (lambda line: None)
+    main = is_main_process()
+    say = log if log is not None and main else (lambda line: None)
     out_dir = Path(out_dir)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -156,6 +162,8 @@ def train_ranking(dataset_dir: str | Path | None, out_dir: str | Path, config: R
     start = time.perf_counter()
     result = train(model, source, config.train, out_dir / TRAIN_DIR, resume=resume, progress=progress, log=log)
     seconds["train"] = time.perf_counter() - start
+    if not main:
+        return {"rank": rank(), "history": result.history.to_dict()}
 
     start = time.perf_counter()
     frame = predict(result.model, source, config.eval_split, batch_size=config.train.eval_batch_size,
@@ -181,6 +189,8 @@ def train_ranking(dataset_dir: str | Path | None, out_dir: str | Path, config: R
         "metrics": metrics,
         "history": result.history.to_dict(),
         "examples_per_second": result.examples_per_second,
+        "world_size": world_size(),
+        "device": str(device_of(result.model)),
         "seconds": seconds,
         provenance.BLOCK: run_provenance(run_id, out_dir, source, quantize_dir, align_dir).to_json(),
     }

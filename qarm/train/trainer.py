@@ -18,10 +18,16 @@ else (TorchRec / nanoGPT split: the model is not the trainer):
   in its metadata, so one atomic rename writes everything), ``state.json`` (a readable copy of that
   state) and ``best.safetensors`` (the best weights alone). ``resume=True`` continues from the
   checkpoint, and an interrupted and resumed run ends with exactly the weights of an uninterrupted one;
-* **DDP**: wrap the model in ``DistributedDataParallel`` before calling :func:`train` under torchrun;
-  each rank then trains on its share (``rows[rank::world]``) of every global batch, every rank
-  validates on the whole split (the same numbers, so the same stopping decision), and only rank 0
-  writes files.
+* **data parallel**: called inside a process group (``torchrun``, or ``qarm train --nproc N``:
+  :mod:`qarm.distributed`), :func:`train` wraps the model in ``DistributedDataParallel`` (gloo on the CPU,
+  NCCL on CUDA). Every rank draws the same global batch (the epoch's permutation by seed and epoch) and
+  trains on its share ``rows[rank::world]``; each rank's loss is weighted by its share of the global batch,
+  so the averaged gradient is the global batch's mean gradient and N ranks take the steps one rank takes
+  with the same ``batch_size`` (up to float summation order). Every rank validates on the whole split (the
+  same numbers, so the same stopping decision); only rank 0 writes files. The checkpoint holds the
+  unwrapped model and the optimiser, and no world size: a run resumes under any number of ranks;
+* **device**: ``device`` ``"cpu"`` (default), ``"cuda"`` or ``"auto"`` (CUDA when available): the model and
+  every batch go there; checkpoints are written from CPU copies and load onto any device.
 
 Out folder::
 
@@ -52,6 +58,7 @@ from torch import nn
 from qarm.config import from_dict, to_dict
 from qarm.data.io import atomic_write_bytes, write_json
 from qarm.determinism import deterministic
+from qarm.distributed import DEVICES, DeviceName, barrier, rank, resolve_device, world_size
 from qarm.errors import CheckpointMismatch, ConfigError, QarmError
 from qarm.evaluate import metrics as M
 from qarm.features.batch import RankingBatch
@@ -68,7 +75,7 @@ BEST_FILE = "best.safetensors"
 CHECKPOINT_FORMAT = "qarm.train/1"
 MONITORS = ("gauc", "auc", "logloss")
 # Settings that may change between an interrupted run and its resumption (budgets, speed, output).
-_RESUMABLE = ("epochs", "max_steps", "max_seconds", "threads", "checkpoint_every", "eval_batch_size")
+_RESUMABLE = ("epochs", "max_steps", "max_seconds", "threads", "checkpoint_every", "eval_batch_size", "device")
 
 Log = Callable[[str], None]
 OnStep = Callable[[int, float], None]
@@ -94,6 +101,7 @@ class TrainConfig:
     max_seconds: float | None = None  # a training-time budget across resumptions; validation not counted
     threads: int | None = None  # torch intra-op threads during training; None: leave torch's setting
     precision: Precision = "fp32"  # "bf16": matrix products in bfloat16 autocast (qarm.precision), weights fp32
+    device: DeviceName = "cpu"  # "cuda" or "auto" (CUDA when available): where the model and batches live
 
     def __post_init__(self) -> None:
         name = "TrainConfig"
@@ -115,6 +123,7 @@ class TrainConfig:
                 raise ConfigError(f"The '{param}' parameter of {name} must be > 0 or None. Got {value!r} instead.")
         check_option(name, "monitor", self.monitor, MONITORS)
         check_option(name, "precision", self.precision, PRECISIONS)
+        check_option(name, "device", self.device, DEVICES)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> TrainConfig:
@@ -193,12 +202,13 @@ def predict(model: nn.Module, source: ExampleSource, split: str, *, batch_size: 
     longtail_group, score_<task>...`` (probabilities, float64) and ``row`` (the interaction row).
     """
     model = _unwrap(model)
+    device = device_of(model)
     rows = source.rows(split) if rows is None else np.asarray(rows, dtype=np.int64)
     was_training = model.training
     model.eval()
     try:
-        with autocast(precision):
-            chunks = [torch.sigmoid(model(source.batch(rows[s:s + batch_size])).float())
+        with autocast(precision, device.type):
+            chunks = [torch.sigmoid(model(source.batch(rows[s:s + batch_size]).to(device)).float()).cpu()
                       for s in range(0, len(rows), batch_size)]
     finally:
         model.train(was_training)
@@ -232,7 +242,8 @@ def train(model: nn.Module, source: ExampleSource, config: TrainConfig | None = 
 
     Parameters
     ----------
-    model : nn.Module, ``forward(RankingBatch) -> logits (B, T)`` (or a DDP wrapper of one)
+    model : nn.Module, ``forward(RankingBatch) -> logits (B, T)`` (or a DDP wrapper of one); moved to
+        ``config.device``, and wrapped in DDP when called inside a process group
     source : ExampleSource
     config : TrainConfig
     out_dir : path or None
@@ -264,10 +275,14 @@ class _Trainer:
     def __init__(self, model: nn.Module, source: ExampleSource, config: TrainConfig, out_dir: str | Path | None,
                  progress: bool, log: Log | None, on_step: OnStep | None,
                  optimizer_state: dict[str, Any] | None = None) -> None:
-        self.model, self.module, self.source, self.config = model, _unwrap(model), source, config
+        self.device = resolve_device(config.device, "--device (train.device)")
+        self.module, self.source, self.config = _unwrap(model).to(self.device), source, config
+        self.rank, self.world = rank(), world_size()
+        self.model = _data_parallel(model, self.device) if self.world > 1 else model
         self.out_dir = None if out_dir is None else Path(out_dir)
-        self.progress, self.log, self.on_step = progress, log or (lambda line: None), on_step
-        self.rank, self.world = _distributed()
+        self.progress = progress and self.rank == 0
+        self.log = log if log is not None and self.rank == 0 else (lambda line: None)
+        self.on_step = on_step
         self.tasks = tuple(source.tasks)
         model_tasks = tuple(getattr(self.module, "tasks", self.tasks))
         if model_tasks != self.tasks:
@@ -294,20 +309,28 @@ class _Trainer:
 
     # -- data ----------------------------------------------------------------------------------------
 
-    def batch_at(self, step: int) -> RankingBatch:
-        """Global step ``step``'s batch (this rank's share of it)."""
+    def batch_at(self, step: int) -> tuple[RankingBatch, int, float]:
+        """Global step ``step``'s batch: this rank's share of it (on the device), the global batch's size,
+        and the weight of this rank's loss (its share of the global batch times the world size, so that
+        DDP's average of the ranks' gradients is the global batch's mean gradient). A rank whose share is
+        empty (a last batch smaller than the world) runs one row at weight 0, since every rank must step."""
         epoch, index = divmod(step, self.steps_per_epoch)
         if self._epoch_rows is None or self._epoch_rows[0] != epoch:
             self._epoch_rows = (epoch, self.source.order("train", shuffle=True, seed=self.config.seed, epoch=epoch))
         size = self.config.batch_size
         rows = self._epoch_rows[1][index * size:(index + 1) * size]
-        return self.source.batch(rows[self.rank::self.world])
+        if self.world == 1:
+            return self.source.batch(rows).to(self.device), len(rows), 1.0
+        share = rows[self.rank::self.world]
+        weight = len(share) * self.world / len(rows)
+        return self.source.batch(share if len(share) else rows[:1]).to(self.device), len(rows), weight
 
     # -- steps and validation ------------------------------------------------------------------------
 
-    def train_step(self, batch: RankingBatch) -> float:
+    def train_step(self, batch: RankingBatch, weight: float = 1.0) -> float:
+        """One optimiser step; returns this rank's (unweighted) loss."""
         self.model.train()
-        with autocast(self.config.precision):
+        with autocast(self.config.precision, self.device.type):
             logits = self.model(batch)
         loss = loss_fn(logits, required(batch.labels, "labels"))
         auxiliary = getattr(self.module, "auxiliary_loss", None)
@@ -315,7 +338,7 @@ class _Trainer:
         if extra is not None:
             loss = loss + extra
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if weight == 1.0 else loss * weight).backward()
         if self.config.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.module.parameters(), self.config.grad_clip)
         self.optimizer.step()
@@ -372,13 +395,14 @@ class _Trainer:
         settings = {k: v for k, v in to_dict(self.config).items() if k not in _RESUMABLE}
         shapes = {k: list(v.shape) for k, v in self.module.state_dict().items()}
         return {"train": settings, "model": describe_model(self.module), "shapes": shapes,
-                "data": self.source.describe(), "tables": self.tables_digest, "world_size": self.world}
+                "data": self.source.describe(), "tables": self.tables_digest}
 
     def _with_new_defaults(self, identity: dict[str, Any]) -> dict[str, Any]:
         """A checkpoint's identity with the settings its writer did not have (fields a later qarm added to the
         training or model config) at their defaults: a field added with a default that keeps the old
         behaviour must not make an unfinished run "another run" and restart it from scratch."""
         filled = dict(identity)
+        filled.pop("world_size", None)  # recorded until resumes under any number of ranks were allowed
         if isinstance(identity.get("train"), dict):
             defaults = {k: v for k, v in to_dict(TrainConfig()).items() if k not in _RESUMABLE}
             filled["train"] = _merge_defaults(defaults, identity["train"])
@@ -400,7 +424,7 @@ class _Trainer:
         for pid, entries in optimizer["state"].items():
             for key, value in entries.items():
                 tensors[f"optim/{pid}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-        tensors["rng/torch"] = torch.get_rng_state()
+        tensors["rng/torch"] = torch.get_rng_state()  # the CPU generator (CUDA dropout is not replayed)
         state = {"format": CHECKPOINT_FORMAT, "step": self.step, "bad_evals": self.bad_evals,
                  "loss_sum": self.loss_sum, "loss_count": self.loss_count,
                  "param_groups": optimizer["param_groups"], "history": self.history.to_dict(),
@@ -440,6 +464,7 @@ class _Trainer:
         self.loss_sum, self.loss_count = float(state["loss_sum"]), int(state["loss_count"])
         self.history = TrainHistory.from_dict(state["history"])
         self.history.resumed_from.append(self.step)
+        barrier()  # every rank has read the checkpoint before rank 0 may replace it
         return True
 
     # -- loop ----------------------------------------------------------------------------------------
@@ -473,12 +498,12 @@ class _Trainer:
         with progress_bar(self.total_steps, "training", self.progress, completed=min(self.step, self.total_steps)) \
                 as advance:
             while not stop:
-                batch = self.batch_at(self.step)
-                loss = self.train_step(batch)
+                batch, global_size, weight = self.batch_at(self.step)
+                loss = self.train_step(batch, weight)
                 self.step += 1
                 self.loss_sum += loss
                 self.loss_count += 1
-                self.history.steps, self.history.examples = self.step, self.history.examples + len(batch)
+                self.history.steps, self.history.examples = self.step, self.history.examples + global_size
                 self.history.train_seconds = seconds_before + time.perf_counter() - start
                 epoch_end = self.step % self.steps_per_epoch == 0
                 stop = self._budget_spent()
@@ -516,8 +541,14 @@ class _Trainer:
             at_epochs = self.total_steps == self.config.epochs * self.steps_per_epoch
             return "epochs" if at_epochs else "max_steps"
         budget = self.config.max_seconds
-        if budget is not None and self.history.train_seconds >= budget:
-            return "time_budget"
+        if budget is not None:
+            spent = self.history.train_seconds >= budget
+            if self.world > 1:  # the ranks' clocks differ: rank 0's decides, or a rank would wait forever
+                flag = torch.tensor([float(spent)], device=self.device)
+                torch.distributed.broadcast(flag, src=0)
+                spent = bool(flag.item())
+            if spent:
+                return "time_budget"
         return ""
 
 
@@ -566,11 +597,21 @@ def _merge_defaults(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str
     return merged
 
 
-def _distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel (unless already wrapped). Buffers are synced once, at the
+    wrapping, not at each step: a model's buffers are its item lookup tables (codes, frozen vectors), built
+    alike on every rank and never updated."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model
+    return nn.parallel.DistributedDataParallel(
+        _unwrap(model), device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter (or buffer); the CPU for a model with neither."""
+    tensors = [*model.parameters(), *model.buffers()][:1]
+    return tensors[0].device if tensors else torch.device("cpu")
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous() for k, v in tensors.items()}
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}

@@ -194,7 +194,7 @@ class _LinearWithBlocks(torch.autograd.Function):
     :func:`linear_with_blocks`).
 
     Written as one function rather than as slices of ``weight`` because autograd's slice backward
-    allocates a zero tensor of the whole weight per slice (seven per layer here, more than the
+    allocates a zero tensor of the whole weight per slice (up to nine per layer here, more than the
     products cost); this backward writes each part of the weight's gradient once.
     """
 

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _machine import load_average
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = ("ID-only", "+ aligned vector", "+ VQ & RQ")
 SEGMENTS = ("overall", "warm", "cold_start")
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
               "seeds": args.seeds, "data_seed": args.data_seed, "items": args.items, "epochs": args.epochs,
               "exposures_per_user": EXPOSURES_PER_USER, "rows": list(ROWS), "sizes": sizes,
-              "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()), "beside": args.beside,
+              "load_average": load_average(), "beside": args.beside,
               "overtake": (f"yes, at {', '.join(f'{n:,}' for n in overtake)} exposures" if overtake
                            else "no, at none of the sizes measured")}
     args.results.mkdir(parents=True, exist_ok=True)

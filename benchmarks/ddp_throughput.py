@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _machine import load_average
 
 from qarm.distributed import spawn
 from qarm.train.ablation import TABLE1
@@ -40,13 +41,6 @@ from qarm.train.trainer import TrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROW = "+ VQ & RQ"
-
-
-def _load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 def ranking_config(seed: int, epochs: int, threads: int) -> RankingConfig:
@@ -87,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     header = {"command": shlex.join([sys.executable, *sys.argv]),
               "machine": {"platform": platform.platform(), "python": platform.python_version(),
                           "torch": torch.__version__, "cpu_count": os.cpu_count(),
-                          "load_average_before": _load_average(),
+                          "load_average_before": load_average(),
                           "note": "a machine shared with other work: figures move with its load"},
               "data": {"name": args.name, "data": str(args.data), "codes": str(args.codes),
                        "vectors": str(args.vectors)},
@@ -112,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         summary[layout] = {"examples_per_second_median": statistics.median(r["examples_per_second"] for r in mine),
                            "test_gauc_mean": {t: round(statistics.mean(r["test_gauc"][t] for r in mine), 3)
                                               for t in mine[0]["test_gauc"]}}
-    header["machine"]["load_average_after"] = _load_average()
+    header["machine"]["load_average_after"] = load_average()
     report = {**header, "runs": runs, "summary": summary}
     print(json.dumps(summary, indent=1))
     out = args.out or RESULTS / f"ddp_throughput_{args.name}.json"

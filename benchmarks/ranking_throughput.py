@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import load_average
 
 from qarm.features.examples import ExampleSource
 from qarm.models import build_model
@@ -44,13 +45,6 @@ from qarm.train.trainer import TrainConfig, loss_fn, predict
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = ("ID-only", "Baseline", "+ VQ", "+ RQ", "+ VQ & RQ")
-
-
-def _load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
           f"torch {torch.__version__}; data {args.data} ({len(source.rows('train')):,} training rows); seed "
           f"{args.seed}; batch {args.batch_size}, {args.steps} timed steps after {args.warmup}, "
-          f"{len(valid):,} prediction rows; {args.repeats} interleaved rounds; load average {_load_average()}",
+          f"{len(valid):,} prediction rows; {args.repeats} interleaved rounds; load average {load_average()}",
           flush=True)
 
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -130,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.no_grad():
                     predict(model, source, "valid", rows=valid, precision=precision_of[name])
                 predict_s[name].append(time.perf_counter() - start)
-            print(f"  threads {threads} round {round_ + 1}/{args.repeats} done (load {_load_average()})", flush=True)
+            print(f"  threads {threads} round {round_ + 1}/{args.repeats} done (load {load_average()})", flush=True)
         timed = args.steps * args.batch_size
         results[str(threads)] = {
             name: {"train_examples_per_second": timed / statistics.median(train_s[name]),
@@ -148,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
              f"({len(source.rows('train')):,} training rows); seed {args.seed}; batch {args.batch_size}; "
              f"{args.steps} timed training steps after {args.warmup} warm-up steps; prediction on {len(valid):,} "
              f"validation rows; medians of {args.repeats} interleaved rounds; load average at the end "
-             f"{_load_average()}. Command: `python benchmarks/ranking_throughput.py {shlex.join(sys.argv[1:])}`.", "",
+             f"{load_average()}. Command: `python benchmarks/ranking_throughput.py {shlex.join(sys.argv[1:])}`.", "",
              "| row | threads | training examples/s | vs " + reference + " | prediction examples/s | vs "
              + reference + " |", "|---|---:|---:|---:|---:|---:|"]
     for threads, rows in results.items():

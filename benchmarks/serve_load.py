@@ -61,6 +61,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pandas as pd
+from _machine import load_average
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -71,12 +72,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 def machine() -> dict[str, Any]:
     import torch
 
-    try:
-        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        load = "?"
     return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "httpx": httpx.__version__, "load_average_at_start": load}
+            "torch": torch.__version__, "httpx": httpx.__version__, "load_average_at_start": load_average()}
 
 
 def free_port() -> int:

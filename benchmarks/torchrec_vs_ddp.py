@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _machine import load_average
 
 from qarm.distributed import rank, spawn, world_size
 from qarm.features.examples import ExampleSource
@@ -37,13 +38,6 @@ from qarm.train.trainer import loss_fn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROW = "+ VQ & RQ"
-
-
-def _load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 def time_steps(data: Path, codes: Path, vectors: Path, layout: str, batch: int, steps: int, warmup: int,
@@ -95,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     header = {"command": " ".join([sys.executable, *sys.argv]),
               "machine": {"platform": platform.platform(), "python": platform.python_version(),
                           "torch": torch.__version__, "torchrec": getattr(torchrec, "__version__", "?"),
-                          "cpu_count": os.cpu_count(), "load_average_before": _load_average(),
+                          "cpu_count": os.cpu_count(), "load_average_before": load_average(),
                           "note": "a machine shared with other work: figures move with its load"},
               "data": str(args.data), "row": ROW, "processes": 2, "threads_each": 1, "batch": args.batch,
               "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "seed": 0}
@@ -109,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                       args.warmup, out, threads=1)
                 figures[layout].append(round(json.loads(out.read_text())["examples_per_second"], 1))
                 print(layout, figures[layout][-1], flush=True)
-    header["machine"]["load_average_after"] = _load_average()
+    header["machine"]["load_average_after"] = load_average()
     report: dict[str, Any] = {**header, "examples_per_second": figures,
                               "median": {k: statistics.median(v) for k, v in figures.items()}}
     print(json.dumps(report["median"]))

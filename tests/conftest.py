@@ -107,6 +107,16 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture
+def models(run_dir: Path, tmp_path: Path) -> Path:
+    """A fresh bundles' folder holding one current version ``v1`` of the run's QARM model."""
+    from qarm.serve.bundle import export_bundle
+
+    folder = tmp_path / "models"
+    export_bundle(run_dir, folder, version="v1")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def text_model():  # one MiniLM for the module's apps (the service shares one per process anyway)
     from qarm.serve.scorer import shared_text_model

@@ -55,13 +55,6 @@ def exposures(run_dir: Path) -> list[Event]:
 
 
 @pytest.fixture
-def models(run_dir: Path, tmp_path: Path) -> Path:
-    folder = tmp_path / "models"
-    export_bundle(run_dir, folder, version="v1")
-    return folder
-
-
-@pytest.fixture
 def store(models: Path) -> LiveStore:
     live = SQLiteLiveStore(models / "live.sqlite")
     live.bind(str(load_current(models).codes_version))

@@ -39,14 +39,6 @@ from qarm.serve.store import Event, ItemUpload, LiveStore, RedisLiveStore, SQLit
 
 
 @pytest.fixture
-def models(run_dir: Path, tmp_path: Path) -> Path:
-    """A fresh bundles' folder holding one current version ``v1`` of the run's QARM model."""
-    folder = tmp_path / "models"
-    export_bundle(run_dir, folder, version="v1")
-    return folder
-
-
-@pytest.fixture
 def client(models: Path, text_model) -> Iterator[TestClient]:
     app = create_app(models, models / "live.sqlite", reload_interval=0, text_model=text_model, warm_encoder=False)
     with TestClient(app) as c:

@@ -142,31 +142,30 @@ def _train_with_vectors_of_other_dataset(run: Path, data2: Path, codes2: Path, t
             expect, tmp / "out", [data2])
 
 
-def _train_with_mixed_codes_folder(run: Path, data2: Path, codes2: Path, tmp: Path) -> Any:
+def _mixed_codes_folder(run: Path, codes2: Path, tmp: Path) -> tuple[Path, list[str]]:
+    """A copy of the run's quantize folder holding another quantize run's ``codes.parquet``, and what the
+    refusal must name: both codes digests and the fix."""
     codes = tmp / "quantize"
     shutil.copytree(run / "quantize", codes)
     shutil.copyfile(codes2 / "codes.parquet", codes / "codes.parquet")
     expect = [provenance.short(record(codes2 / "quantize.json").digest),
               provenance.short(record(codes / "quantize.json").digest), "--overwrite"]
+    return codes, expect
+
+
+def _train_with_mixed_codes_folder(run: Path, data2: Path, codes2: Path, tmp: Path) -> Any:
+    codes, expect = _mixed_codes_folder(run, codes2, tmp)
     return (["train", str(run / "data"), "--out", str(tmp / "out"), "--codes", str(codes)], expect, tmp / "out",
             [codes])
 
 
 def _publish_mixed_codes_folder(run: Path, data2: Path, codes2: Path, tmp: Path) -> Any:
-    codes = tmp / "quantize"
-    shutil.copytree(run / "quantize", codes)
-    shutil.copyfile(codes2 / "codes.parquet", codes / "codes.parquet")
-    expect = [provenance.short(record(codes2 / "quantize.json").digest),
-              provenance.short(record(codes / "quantize.json").digest), "--overwrite"]
+    codes, expect = _mixed_codes_folder(run, codes2, tmp)
     return ["codes", "publish", str(codes), "--to", str(tmp / "out")], expect, tmp / "out", [codes]
 
 
 def _inspect_mixed_codes_folder(run: Path, data2: Path, codes2: Path, tmp: Path) -> Any:
-    codes = tmp / "quantize"
-    shutil.copytree(run / "quantize", codes)
-    shutil.copyfile(codes2 / "codes.parquet", codes / "codes.parquet")
-    expect = [provenance.short(record(codes2 / "quantize.json").digest),
-              provenance.short(record(codes / "quantize.json").digest), "--overwrite"]
+    codes, expect = _mixed_codes_folder(run, codes2, tmp)
     return ["codes", "inspect", str(codes)], expect, tmp / "out", [codes]
 
 

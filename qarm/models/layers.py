@@ -20,6 +20,7 @@ tables come from the quantize / align folders (or a code store when serving new 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -166,6 +167,12 @@ class SparseBlocks:
         """The first column after the blocks."""
         return self.start + self.n_blocks * self.width
 
+    @functools.cached_property
+    def entries_by_block(self) -> list[torch.Tensor]:
+        """For each block ``j``, the int64 indices of its entries (computed once, however many layers read
+        the blocks)."""
+        return [(self.block == j).nonzero().squeeze(1) for j in range(self.n_blocks)]
+
     def to_dense(self, n_rows: int) -> torch.Tensor:
         """The blocks as the dense ``(n_rows, n_blocks * width)`` columns they stand for."""
         dense = self.values.new_zeros(n_rows * self.n_blocks, self.width)
@@ -184,8 +191,8 @@ def linear_with_blocks(layer: nn.Linear, dense: torch.Tensor, blocks: SparseBloc
     if blocks is None:
         return layer(dense)
     bias = layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.weight.shape[0])
-    out: torch.Tensor = _LinearWithBlocks.apply(layer.weight, bias, dense, blocks.values, blocks.row, blocks.block,
-                                                blocks.start, blocks.n_blocks)
+    out: torch.Tensor = _LinearWithBlocks.apply(layer.weight, bias, dense, blocks.values, blocks.row,
+                                                blocks.entries_by_block, blocks.start)
     return out
 
 
@@ -200,18 +207,17 @@ class _LinearWithBlocks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, weight: torch.Tensor, bias: torch.Tensor, dense: torch.Tensor, values: torch.Tensor,
-                row: torch.Tensor, block: torch.Tensor, start: int, n_blocks: int) -> torch.Tensor:
+                row: torch.Tensor, chosen: list[torch.Tensor], start: int) -> torch.Tensor:
         ctx.dtypes = (weight.dtype, bias.dtype, dense.dtype, values.dtype)
         device = dense.device.type
         if torch.is_autocast_enabled(device):  # compute as autocast would, and keep that type for backward
             dtype = torch.get_autocast_dtype(device)
             weight, bias, dense, values = (t.to(dtype) for t in (weight, bias, dense, values))
-        width = values.shape[1]
+        width, n_blocks = values.shape[1], len(chosen)
         stop = start + n_blocks * width
         out = torch.addmm(bias, dense[:, :start], weight[:, :start].t())
         if stop < weight.shape[1]:
             out.addmm_(dense[:, start:], weight[:, stop:].t())
-        chosen = [(block == j).nonzero().squeeze(1) for j in range(n_blocks)]
         for j, entries in enumerate(chosen):
             if len(entries):
                 columns = weight[:, start + j * width:start + (j + 1) * width]
@@ -242,7 +248,7 @@ class _LinearWithBlocks(torch.autograd.Function):
                 grad_values.index_copy_(0, entries, entry_grad @ weight[:, columns])
         grad_weight, grad_bias, grad_dense, grad_values = (
             g.to(dtype) for g, dtype in zip((grad_weight, grad.sum(0), grad_dense, grad_values), ctx.dtypes))
-        return grad_weight, grad_bias, grad_dense, grad_values, None, None, None, None
+        return grad_weight, grad_bias, grad_dense, grad_values, None, None, None
 
 
 @dataclass

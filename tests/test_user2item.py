@@ -169,9 +169,38 @@ def test_attention_pooling_and_user_embedding_train(synthetic):
     assert items.shape == (1, 3)
 
 
+def test_sparse_tables_train_lazily_and_as_well(synthetic, trained):
+    """The sparse path (SparseAdam on the ID tables) still beats popularity by the same margin as the
+    dense path, leaves the rows no batch read untouched (lazy: dense Adam moves every row), and the size
+    rule picks it for large tables only."""
+    from qarm.align.user2item import SPARSE_ROWS, uses_sparse_embeddings
+
+    config = User2ItemConfig(**FAST, sparse_embeddings=True, user_embedding=True)
+    model, metrics = train_user2item(synthetic, config, progress=False)
+    assert model.item_embedding.sparse and model.user_embedding.sparse
+    popularity = evaluate_popularity(synthetic, k=50)
+    assert metrics["recall@50"] > popularity["recall@50"] + 0.03, (metrics, popularity)
+    assert metrics["recall@50"] > trained[1]["recall@50"] - 0.03, (metrics, trained[1])
+    # Items with no training positive and never in a history are never read: their rows keep their init.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        init = TwoTower(synthetic.n_items, synthetic.n_users, config).item_embedding.weight.detach()
+    read = np.zeros(synthetic.n_items + 1, dtype=bool)
+    events = positive_events(synthetic, "train", "click")
+    read[events.item_ids] = True
+    unread = np.flatnonzero(~read)
+    assert len(unread) > 0
+    torch.testing.assert_close(model.item_embedding.weight.detach()[unread], init[unread])
+    assert not torch.equal(model.item_embedding.weight.detach()[read], init[read])
+    assert not uses_sparse_embeddings(User2ItemConfig(), SPARSE_ROWS - 1)
+    assert uses_sparse_embeddings(User2ItemConfig(), SPARSE_ROWS)
+    assert not uses_sparse_embeddings(User2ItemConfig(sparse_embeddings=False), 10 * SPARSE_ROWS)
+
+
 @pytest.mark.parametrize(
     ("params", "message"),
     [
+        ({"sparse_embeddings": True, "weight_decay": 0.1}, "SparseAdam has no weight decay"),
         ({"dim": 0}, "The 'dim' parameter of User2ItemConfig must be an int >= 1. Got 0 instead."),
         ({"batch_size": 1}, "The 'batch_size' parameter of User2ItemConfig must be an int >= 2"),
         ({"temperature": 0.0}, "The 'temperature' parameter of User2ItemConfig must be a float > 0. Got 0.0 instead."),

@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/scale_1m"))
     parser.add_argument("--name", default="scale_run_1m")
     parser.add_argument("--lookup-batches", type=int, default=200)
+    parser.add_argument("--train-max-steps", type=int, default=None,
+                        help="stop the QARM epoch after this many steps (the table says so); default: the whole epoch")
     args = parser.parse_args(argv)
 
     import psutil
@@ -169,15 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     qarm = [sys.executable, "-m", "qarm"]
     data, align, quantize, train, store = (out / "data", out / "align", out / "quantize", out / "train",
                                            out / "codes.sqlite")
+    train_stage = f"train (QARM, first {args.train_max_steps} steps)" if args.train_max_steps else "train (QARM, 1 epoch)"
     stages = [
         ("prepare", [*qarm, "data", "prepare", "--dataset", "synthetic", "--out", str(data), "--overwrite",
                      "--set", f"n_items={args.items}", "--set", f"n_users={args.users}",
                      "--set", f"n_interactions={args.exposures}", "--set", f"seed={args.seed}"], data),
         ("align", [*qarm, "align", str(data), "--out", str(align)], align),
         ("quantize", [*qarm, "quantize", str(align), "--out", str(quantize), "--overwrite"], quantize),
-        ("train (QARM, 1 epoch)", [*qarm, "train", str(data), "--out", str(train), "--model", "qarm",
+        (train_stage, [*qarm, "train", str(data), "--out", str(train), "--model", "qarm",
                                    "--codes", str(quantize), "--vectors", str(align), "--set", "train.epochs=1",
-                                   "--set", f"train.seed={args.seed}"], train),
+                                   "--set", f"train.seed={args.seed}",
+                                   *(["--set", f"train.max_steps={args.train_max_steps}"] if args.train_max_steps else [])],
+         train),
         ("codes publish (SQLite)", [*qarm, "codes", "publish", str(quantize), "--to", str(store), "--replace"],
          store),
     ]

@@ -414,21 +414,22 @@ class _SlotMax(torch.autograd.Function):
 
     Measured on CPU (one thread): ``Tensor.max(dim=1)`` reduces the 2-slot middle axis ~8x slower than
     ``torch.maximum`` of the two slices, and ``torch.where`` (the obvious routing, forward and backward) is
-    ~10x slower than a multiply; the backward here is one compare, one multiply and one subtraction into the
-    ``(N, 2, M)`` gradient, all on float tensors. The first slot wins ties, so a slot that repeats it (a short
-    window, rounding up) gets no gradient: the kernel's gradient counts each row once.
+    ~10x slower than a multiply; here the forward saves the comparison as a float 1.0 / 0.0 mask and the
+    backward is one multiply and one subtraction into the ``(N, 2, M)`` gradient, all on float tensors. The
+    first slot wins ties, so a slot that repeats it (a short window, rounding up) gets no gradient: the kernel's
+    gradient counts each row once.
     """
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, slots: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(slots)
+        first = torch.ge(slots[:, 0], slots[:, 1], out=torch.empty_like(slots[:, 0]))  # 1.0 / 0.0: a float compare
+        ctx.save_for_backward(first)  # half the slots' memory; the slots themselves are freed after the forward
         return torch.maximum(slots[:, 0], slots[:, 1])
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
-        (slots,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        out = torch.empty(slots.shape, dtype=grad.dtype, device=grad.device)
-        first = torch.ge(slots[:, 0], slots[:, 1], out=torch.empty_like(grad))  # 1.0 / 0.0: a float compare
+        (first,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        out = torch.empty((grad.shape[0], 2, grad.shape[1]), dtype=grad.dtype, device=grad.device)
         torch.mul(grad, first, out=out[:, 0])  # (a bool mask would take the slow mixed-dtype path)
         torch.sub(grad, out[:, 0], out=out[:, 1])
         return out

@@ -14,11 +14,14 @@ validation or holdout split, never on the rows being reported. ``a > 0`` keeps A
 a fit that would flip the order (``a <= 0``: the logits rank worse than chance) is refused.
 
 :class:`Calibrated` wraps a model whose ``forward`` returns logits ``(B, T)`` and returns the calibrated
-logits; :func:`fit_calibration` gives the parameters from logits and labels.
+logits; :func:`fit_calibration` gives the parameters from logits and labels; :func:`calibrate` does both for
+a ranking model on a split of an :class:`~qarm.features.ExampleSource` (the ``valid`` split by default).
 
-    from qarm.calibration import Calibrated, fit_calibration
+    from qarm.calibration import Calibrated, calibrate, fit_calibration
     calibration = fit_calibration(holdout_logits, holdout_labels, "temperature")   # (N, T) or (N,)
     model = Calibrated(model, calibration)          # forward: scale * model(x) + bias
+    ranker = calibrate(result.model, source)        # a trained ranking model, fitted on source's valid split
+    frame = qarm.train.predict(ranker, source, "test")   # calibrated probabilities
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from torch import nn
 
 from qarm.errors import ConfigError
+from qarm.features.examples import ExampleSource
 
 Method = Literal["temperature", "platt"]
 METHODS: tuple[Method, ...] = ("temperature", "platt")
@@ -114,6 +118,28 @@ class Calibrated(nn.Module):
             raise ConfigError(f"Calibrated: the model gives {logits.shape[-1]} task logits, the calibration "
                               f"has {self.scale.numel()}.")
         return logits * self.scale.to(logits.dtype) + self.bias.to(logits.dtype)
+
+
+def calibrate(model: nn.Module, source: ExampleSource, split: str = "valid", method: str = "temperature", *,
+              batch_size: int = 8192) -> Calibrated:
+    """``Calibrated(model, fit_calibration(logits, labels, method))`` with the ranking model's float32 logits
+    and the labels of ``split``'s rows (one fit per task). Use a split the reported metrics do not come from."""
+    was_training = model.training
+    model.eval()
+    rows = source.rows(split)
+    logits, labels = [], []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(rows), batch_size):
+                batch = source.batch(rows[start:start + batch_size])
+                device = next(model.parameters()).device
+                logits.append(model(batch.to(device)).float().cpu())
+                labels.append(batch.labels if batch.labels is not None else torch.empty(0))
+    finally:
+        model.train(was_training)
+    if not logits or any(y.numel() == 0 for y in labels):
+        raise ConfigError(f"calibrate: the {split!r} split has no labelled rows.")
+    return Calibrated(model, fit_calibration(torch.cat(logits), torch.cat(labels), method))
 
 
 def _as_2d(values: np.ndarray | torch.Tensor, name: str) -> np.ndarray:

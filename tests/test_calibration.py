@@ -9,7 +9,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss, roc_auc_score
 
-from qarm.calibration import Calibrated, fit_calibration
+from qarm.calibration import Calibrated, calibrate, fit_calibration
 from qarm.errors import ConfigError
 
 
@@ -82,3 +82,29 @@ def test_errors_name_the_problem():
         fit_calibration(-z, y)  # logits that rank worse than chance
     with pytest.raises(ConfigError, match="2 task logits"):
         Calibrated(torch.nn.Linear(3, 2), fit_calibration(z, y))(torch.randn(4, 3))
+
+
+def test_calibrate_a_trained_ranking_model_on_the_valid_split():
+    from qarm.data.prepare import prepare_dataset
+    from qarm.data.synthetic import SyntheticConfig, generate
+    from qarm.features import ExampleSource, ItemTables
+    from qarm.models import build_model
+    from qarm.train import TrainConfig, predict, train
+
+    source = ExampleSource(prepare_dataset(generate(SyntheticConfig(n_items=300, n_users=150, n_interactions=6000))),
+                           history_length=20)
+    torch.manual_seed(0)
+    model = build_model("fgcnn", source.spec, ItemTables.build(source), {"hidden": (32,), "embedding_dim": 8})
+    result = train(model, source, TrainConfig(epochs=2, batch_size=256, eval_every=None))
+    ranker = calibrate(result.model, source, "valid", "platt")
+    raw, cal = predict(result.model, source, "valid"), predict(ranker, source, "valid")
+    for j, task in enumerate(source.tasks):
+        p, y = raw[f"score_{task}"].to_numpy(), raw[f"label_{task}"].to_numpy()
+        z = np.log(p) - np.log1p(-p)  # the raw logits, back from the float32 probabilities
+        a, b = _sklearn(z, y, intercept=True)
+        assert ranker.scale[j].item() == pytest.approx(a, rel=1e-3) and ranker.bias[j].item() == pytest.approx(b, abs=1e-3)
+        expected = 1 / (1 + np.exp(-(a * z + b)))
+        np.testing.assert_allclose(cal[f"score_{task}"].to_numpy(), expected, rtol=1e-4, atol=1e-6)
+        assert log_loss(y, cal[f"score_{task}"]) <= log_loss(y, p) + 1e-9  # the raw map (1, 0) is a candidate
+    with pytest.raises(ConfigError, match="unknown split 'nope'"):
+        calibrate(result.model, source, "nope")

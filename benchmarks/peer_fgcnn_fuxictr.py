@@ -23,6 +23,16 @@ ReduceLROnPlateau`` set the same way, ``--no-lr-decay`` to drop it). The kept ep
 qarm's loop: ``--qarm-clip``). qarm's FGCNN uses FuxiCTR's initialisation (``FGCNNConfig(init="xavier")``,
 ``--qarm-init``). Evaluation runs in batches of ``--batch-size`` for both (FuxiCTR's loaders use one size).
 
+**Models** (``--models``): ``qarm_fgcnn`` (float32), ``qarm_fgcnn_bf16`` (the same model and loop under qarm's
+``precision="bf16"``: ``qarm.precision.autocast`` around the forward, bfloat16 matrix products, float32
+weights, Adam state and loss; scored in float32) and ``fuxictr_fgcnn``.
+
+**Calibration.** Every run also reports its test log loss after temperature scaling (``qarm.calibration``,
+``--calibration platt`` for Platt scaling) fitted on the kept epoch's holdout logits, the rows the epoch was
+chosen on, never test rows; the AUC is unchanged. For FuxiCTR the same fit is applied to its outputs (FuxiCTR
+has no such step: its own result is the raw log loss). The per-epoch holdout AUC and log loss of every run
+are in the results.
+
 **Measured.** Each (model, seed) runs in its own fresh process on one torch thread (FuxiCTR's loader with
 ``num_workers=0``, so no second process does its batching):
 

@@ -374,3 +374,30 @@ def test_bad_fuxictr_option_names_the_field(values, message):
     with pytest.raises(ConfigError) as err:
         FGCNNConfig(**values)
     assert message in str(err.value)
+
+
+def test_bf16_autocast_keeps_products_and_output_layer_float32():
+    """Under qarm.precision's bf16 autocast the generation and MLP run in bfloat16, the inner products and the
+    output layer in float32 (bfloat16 logits would round the loss's inputs); without autocast nothing changes."""
+    from qarm.precision import autocast
+
+    torch.manual_seed(0)
+    model = FGCNN([5] * 6, 2, FGCNNConfig(**SMALL))
+    codes = torch.randint(0, 5, (16, 6))
+    seen = {}
+    for name in ("products", "head", "mlp"):
+        getattr(model.network, name).register_forward_hook(
+            lambda m, inputs, out, name=name: seen.update({name: (inputs[0].dtype, out.dtype)}))
+    model.network.generation.recombine[0].register_forward_hook(
+        lambda m, inputs, out: seen.update(recombine=out.dtype))
+    with autocast("bf16"):
+        logits = model(codes)
+    assert logits.dtype == torch.float32
+    assert seen["products"] == (torch.float32, torch.float32) and seen["head"] == (torch.float32, torch.float32)
+    assert seen["mlp"][1] == torch.bfloat16 and seen["recombine"] == torch.bfloat16
+    torch.testing.assert_close(logits, model(codes), atol=0.05, rtol=0.05)  # bf16 rounding only
+    reference = model.network.head(model.network.mlp(torch.cat([
+        (x := torch.cat([model.embedding(codes).view(16, 6, 8),
+                         model.network.generation(model.generation_embedding(codes).view(16, 6, 8))], 1)).flatten(1),
+        model.network.products(x)], 1)))
+    torch.testing.assert_close(model(codes), reference)  # float32: the plain composition

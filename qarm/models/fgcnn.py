@@ -193,11 +193,14 @@ class FieldConvolution(nn.Module):
         n, n_out = self.tap.shape
         return F.pad(self.weight, (0, 1))[:, :, self.tap].permute(2, 1, 3, 0).reshape(n * c_in, n_out * c_out)
 
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+    def forward(self, maps: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """``bias=False``: the product alone (the caller adds :attr:`bias` per channel later, e.g. after a pooling,
+        which commutes with it)."""
         b, k, n, c_in = maps.shape
         n_out = self.tap.shape[1]
-        return torch.addmm(self.bias.repeat(n_out), maps.reshape(b * k, n * c_in), self.matrix()
-                           ).view(b, k, n_out, -1)
+        flat = maps.reshape(b * k, n * c_in)
+        out = torch.addmm(self.bias.repeat(n_out), flat, self.matrix()) if bias else torch.mm(flat, self.matrix())
+        return out.view(b, k, n_out, -1)
 
 
 class FeatureGeneration(nn.Module):
@@ -247,12 +250,17 @@ class FeatureGeneration(nn.Module):
         generated = []
         for i, (conv, norm, dense, p, rows, r) in enumerate(zip(self.convs, self.norms, self.recombine, self.pooling,
                                                                  self.rows, self.new_features)):
-            z = conv(maps)  # (B, k, p F_i, c_i), window-major rows (all F_{i-1} rows in order with batch-norm)
+            # (B, k, p F_i, c_i), window-major rows (all F_{i-1} rows in order with batch-norm). Without batch-norm
+            # the bias is added after the pooling (max(a + b, c + b) = max(a, c) + b, exactly in floating point:
+            # rounding is monotone), on 1 / p of the map, and its gradient sums 1 / p of the rows.
+            z = conv(maps, bias=self.batch_norm)
             if self.batch_norm:
                 z = norm(z.flatten(0, 2)).view_as(z).index_select(2, getattr(self, f"window_rows_{i}"))
             c = z.shape[3]
-            if p > 1:  # max-pool p x 1: the max over the p slots of each window, then tanh
-                z = _window_max(z.view(b * self.dim, p, rows * c))
+            z = z.view(b * self.dim, p, rows * c)
+            z = _window_max(z) if p > 1 else z[:, 0]  # max-pool p x 1: the max over the p slots of each window
+            if not self.batch_norm:
+                z = (z.view(-1, rows, c) + conv.bias).view(b * self.dim, rows * c)
             maps = torch.tanh(z).view(b, self.dim, rows, c)
             generated.append(torch.tanh(dense(maps.flatten(1))).view(b, rows * r, self.dim))
         return torch.cat(generated, dim=1)
@@ -284,7 +292,18 @@ class FGCNNNetwork(nn.Module):
 
     def forward(self, fields: torch.Tensor, generation_fields: torch.Tensor) -> torch.Tensor:
         x = torch.cat([fields, self.generation(generation_fields)], dim=1)  # (B, N, k)
-        return self.head(self.mlp(torch.cat([x.flatten(1), self.products(x)], dim=1)))
+        if not torch.is_autocast_enabled(x.device.type):
+            return self.head(self.mlp(torch.cat([x.flatten(1), self.products(x)], dim=1)))
+        # Under bf16 autocast (qarm.precision) the inner products and the output layer stay float32: they cost
+        # ~3% of the products, and bfloat16 logits (8 significant bits: steps of 0.03 at a logit of 5) would
+        # round the loss's inputs; the generation and the MLP run in bfloat16.
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            products = self.products(x)
+        hidden = self.mlp(torch.cat([x.flatten(1), products], dim=1))
+        with torch.autocast(x.device.type, enabled=False):
+            out: torch.Tensor = self.head(hidden.float())
+        return out
 
 
 class FGCNN(nn.Module):

@@ -306,17 +306,27 @@ def _reference_generation(gen, fields, rounding, batch_norm):
 
 @pytest.mark.parametrize("rounding", ["down", "up"])
 @pytest.mark.parametrize("batch_norm", [False, True])
-def test_generation_equals_conv2d_batch_norm_max_pool2d(rounding, batch_norm):
+@pytest.mark.parametrize("pooling", [(2, 2), (3, 2)])
+def test_generation_equals_conv2d_batch_norm_max_pool2d(rounding, batch_norm, pooling):
     torch.manual_seed(0)
-    gen = FeatureGeneration(7, 5, (4, 3), (3, 4), (2, 2), (2, 3), rounding=rounding, batch_norm=batch_norm)
+    gen = FeatureGeneration(7, 5, (4, 3), (3, 4), pooling, (2, 3), rounding=rounding, batch_norm=batch_norm)
     if batch_norm:
         for norm in gen.norms:  # not the identity affine part, so that it is tested too
             torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
             torch.nn.init.uniform_(norm.bias, -0.5, 0.5)
-    fields = torch.randn(6, 7, 5)
+    fields = torch.randn(6, 7, 5, requires_grad=True)
     expected = _reference_generation(gen, fields, rounding, batch_norm)
-    assert expected.shape == (6, generated_feature_count(7, (2, 2), (2, 3), rounding), 5)
-    torch.testing.assert_close(gen(fields), expected)
+    assert expected.shape == (6, generated_feature_count(7, pooling, (2, 3), rounding), 5)
+    got = gen(fields)
+    torch.testing.assert_close(got, expected)
+    # the gradients too (max-pooling routes each window's gradient to its largest row; the window-major rows
+    # and the repeated slot of a short window must not change them)
+    upstream = torch.randn_like(expected)
+    params = [fields, *gen.parameters()]
+    want = torch.autograd.grad(expected, params, upstream)
+    for name, a, b in zip(["fields", *(n for n, _ in gen.named_parameters())], torch.autograd.grad(got, params, upstream),
+                          want):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_batch_norm_option_adds_one_norm_per_block_and_tracks_statistics():
@@ -364,3 +374,30 @@ def test_bad_fuxictr_option_names_the_field(values, message):
     with pytest.raises(ConfigError) as err:
         FGCNNConfig(**values)
     assert message in str(err.value)
+
+
+def test_bf16_autocast_keeps_products_and_output_layer_float32():
+    """Under qarm.precision's bf16 autocast the generation and MLP run in bfloat16, the inner products and the
+    output layer in float32 (bfloat16 logits would round the loss's inputs); without autocast nothing changes."""
+    from qarm.precision import autocast
+
+    torch.manual_seed(0)
+    model = FGCNN([5] * 6, 2, FGCNNConfig(**SMALL))
+    codes = torch.randint(0, 5, (16, 6))
+    seen = {}
+    for name in ("products", "head", "mlp"):
+        getattr(model.network, name).register_forward_hook(
+            lambda m, inputs, out, name=name: seen.update({name: (inputs[0].dtype, out.dtype)}))
+    model.network.generation.recombine[0].register_forward_hook(
+        lambda m, inputs, out: seen.update(recombine=out.dtype))
+    with autocast("bf16"):
+        logits = model(codes)
+    assert logits.dtype == torch.float32
+    assert seen["products"] == (torch.float32, torch.float32) and seen["head"] == (torch.float32, torch.float32)
+    assert seen["mlp"][1] == torch.bfloat16 and seen["recombine"] == torch.bfloat16
+    torch.testing.assert_close(logits, model(codes), atol=0.05, rtol=0.05)  # bf16 rounding only
+    reference = model.network.head(model.network.mlp(torch.cat([
+        (x := torch.cat([model.embedding(codes).view(16, 6, 8),
+                         model.network.generation(model.generation_embedding(codes).view(16, 6, 8))], 1)).flatten(1),
+        model.network.products(x)], 1)))
+    torch.testing.assert_close(model(codes), reference)  # float32: the plain composition

@@ -156,7 +156,9 @@ class FieldConvolution(nn.Module):
     """A convolution over the field axis (kernel ``h x 1``, stride 1, 'same' zero padding), as one matrix product.
 
     Input float ``(B, k, F, C_in)``, channels last, one column of ``F`` field rows per embedding dimension;
-    output ``(B, k, F, C_out)``, before the activation.
+    output ``(B, k, F_out, C_out)``, before the activation: the output rows ``out_rows`` (default all ``F``, in
+    order; a row may repeat, and rows left out cost nothing), so that a max-pooling can find its windows laid
+    out contiguously.
 
     With a few dozen fields at most, the convolution of one column is a linear map from its ``F x C_in``
     values to its ``F x C_out`` outputs, the banded (Toeplitz) matrix :meth:`matrix` built from the kernel
@@ -167,28 +169,38 @@ class FieldConvolution(nn.Module):
     as in PyTorch and TensorFlow).
     """
 
-    tap: torch.Tensor  # buffer (F, F) int64, registered in __init__
+    tap: torch.Tensor  # buffer (F, F_out) int64, registered in __init__
 
-    def __init__(self, n_fields: int, in_channels: int, out_channels: int, height: int) -> None:
+    def __init__(self, n_fields: int, in_channels: int, out_channels: int, height: int,
+                 out_rows: Sequence[int] | None = None) -> None:
         super().__init__()
         conv = nn.Conv2d(in_channels, out_channels, kernel_size=(height, 1))  # for its initialisation
         assert conv.bias is not None  # Conv2d has a bias unless bias=False
         self.weight = nn.Parameter(conv.weight.detach()[..., 0].clone())
         self.bias = nn.Parameter(conv.bias.detach().clone())
-        # tap[i, o]: the kernel row linking input row i to output row o; height (a zero row) where none does.
-        tap = torch.arange(n_fields)[:, None] - torch.arange(n_fields)[None, :] + (height - 1) // 2
+        rows = torch.arange(n_fields) if out_rows is None else torch.as_tensor(list(out_rows), dtype=torch.int64)
+        if rows.numel() == 0 or rows.min() < 0 or rows.max() >= n_fields:
+            raise ConfigError(f"FieldConvolution's out_rows must be field indices in 0..{n_fields - 1}. "
+                              f"Got {list(rows.tolist())!r} instead.")
+        # tap[i, o]: the kernel row linking input row i to output row out_rows[o]; height (a zero row) where none does.
+        tap = torch.arange(n_fields)[:, None] - rows[None, :] + (height - 1) // 2
         self.register_buffer("tap", torch.where((tap >= 0) & (tap < height), tap, height), persistent=False)
 
     def matrix(self) -> torch.Tensor:
-        """The ``(F C_in, F C_out)`` matrix of the convolution: rows (input field, channel), columns
-        (output field, channel)."""
+        """The ``(F C_in, F_out C_out)`` matrix of the convolution: rows (input field, channel), columns
+        (output row, channel)."""
         c_out, c_in, _ = self.weight.shape
-        n = self.tap.shape[0]
-        return F.pad(self.weight, (0, 1))[:, :, self.tap].permute(2, 1, 3, 0).reshape(n * c_in, n * c_out)
+        n, n_out = self.tap.shape
+        return F.pad(self.weight, (0, 1))[:, :, self.tap].permute(2, 1, 3, 0).reshape(n * c_in, n_out * c_out)
 
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+    def forward(self, maps: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """``bias=False``: the product alone (the caller adds :attr:`bias` per channel later, e.g. after a pooling,
+        which commutes with it)."""
         b, k, n, c_in = maps.shape
-        return torch.addmm(self.bias.repeat(n), maps.reshape(b * k, n * c_in), self.matrix()).view(b, k, n, -1)
+        n_out = self.tap.shape[1]
+        flat = maps.reshape(b * k, n * c_in)
+        out = torch.addmm(self.bias.repeat(n_out), flat, self.matrix()) if bias else torch.mm(flat, self.matrix())
+        return out.view(b, k, n_out, -1)
 
 
 class FeatureGeneration(nn.Module):
@@ -199,8 +211,11 @@ class FeatureGeneration(nn.Module):
 
     Each block is ``tanh(conv)`` (``tanh(batch_norm(conv))`` with ``batch_norm``), max-pooling, ``tanh(dense)``.
     The pooling runs before the ``tanh``: tanh is increasing, so ``max(tanh(z)) = tanh(max(z))`` (values and
-    gradients), and the activation then touches ``1 / p`` of the map. Rounding up (``rounding="up"``), the
-    rows past the last full window are pooled on their own (the map is padded with ``-inf`` rows after them).
+    gradients), and the activation then touches ``1 / p`` of the map. The convolution computes its output rows
+    in window-major order (slot ``j`` of every window, then slot ``j + 1``; :attr:`windows`), so the pooling is
+    one max over ``p`` contiguous slices of each row, with no padding or strided copies; rounding down, the rows
+    past the last full window are never computed; rounding up (``rounding="up"``), the rows past the last full
+    window are pooled on their own (the missing slots repeat the window's first row).
     The batch-norm (``nn.BatchNorm2d`` on FuxiCTR's ``(B, c, F, k)`` maps) normalises each channel over the
     examples, fields and embedding columns: a ``BatchNorm1d`` on the ``(B k F, c)`` channels-last rows, on
     the whole map before the pooling.
@@ -212,9 +227,18 @@ class FeatureGeneration(nn.Module):
         super().__init__()
         self.rows = pooled_field_counts(n_fields, pooling, rounding)
         self.pooling, self.new_features, self.dim = tuple(pooling), tuple(new_features), dim
+        self.batch_norm = batch_norm
         in_rows, in_channels = [n_fields, *self.rows[:-1]], [1, *channels[:-1]]
-        self.convs = nn.ModuleList(FieldConvolution(n, c_in, c, h)
-                                   for n, c_in, c, h in zip(in_rows, in_channels, channels, kernel_heights))
+        # The convolution's output rows in window-major order: slot j of pooled row r is row r p + j; a slot past
+        # the last row (rounding up) repeats its window's first row, which max(a, a) = a leaves exact. With
+        # batch-norm every row is computed (the statistics span the whole map) and gathered in this order after.
+        self.windows = [[r * p + j if r * p + j < n else r * p for j in range(p) for r in range(rows)]
+                        for n, p, rows in zip(in_rows, pooling, self.rows)]
+        self.convs = nn.ModuleList(FieldConvolution(n, c_in, c, h, None if batch_norm else order)
+                                   for n, c_in, c, h, order in zip(in_rows, in_channels, channels, kernel_heights,
+                                                                   self.windows))
+        for i, order in enumerate(self.windows):
+            self.register_buffer(f"window_rows_{i}", torch.tensor(order, dtype=torch.int64), persistent=False)
         self.norms = nn.ModuleList(nn.BatchNorm1d(c) if batch_norm else nn.Identity() for c in channels)
         self.recombine = nn.ModuleList(nn.Linear(rows * dim * c, rows * r * dim)
                                        for rows, c, r in zip(self.rows, channels, new_features))
@@ -224,15 +248,20 @@ class FeatureGeneration(nn.Module):
         b = fields.shape[0]
         maps = fields.transpose(1, 2).unsqueeze(-1)  # (B, k, F, 1): one column of F rows per dimension
         generated = []
-        for conv, norm, dense, p, rows, r in zip(self.convs, self.norms, self.recombine, self.pooling, self.rows,
-                                                 self.new_features):
-            z = conv(maps)  # (B, k, F_{i-1}, c_i)
-            z = norm(z.flatten(0, 2)).view_as(z)  # per channel (identity without batch_norm)
-            # rows * p rows: a floor drops the rows past the last full window, a ceil pads -inf rows after them
-            z = z[:, :, :rows * p] if rows * p <= z.shape[2] else F.pad(z, (0, 0, 0, rows * p - z.shape[2]),
-                                                                           value=-math.inf)
-            windows = z.unflatten(2, (rows, p)).unbind(3)  # p x (B, k, F_i, c_i)
-            maps = torch.tanh(functools.reduce(_larger, windows))  # max-pool p x 1, then tanh
+        for i, (conv, norm, dense, p, rows, r) in enumerate(zip(self.convs, self.norms, self.recombine, self.pooling,
+                                                                 self.rows, self.new_features)):
+            # (B, k, p F_i, c_i), window-major rows (all F_{i-1} rows in order with batch-norm). Without batch-norm
+            # the bias is added after the pooling (max(a + b, c + b) = max(a, c) + b, exactly in floating point:
+            # rounding is monotone), on 1 / p of the map, and its gradient sums 1 / p of the rows.
+            z = conv(maps, bias=self.batch_norm)
+            if self.batch_norm:
+                z = norm(z.flatten(0, 2)).view_as(z).index_select(2, getattr(self, f"window_rows_{i}"))
+            c = z.shape[3]
+            z = z.view(b * self.dim, p, rows * c)
+            z = _window_max(z) if p > 1 else z[:, 0]  # max-pool p x 1: the max over the p slots of each window
+            if not self.batch_norm:
+                z = (z.view(-1, rows, c) + conv.bias).view(b * self.dim, rows * c)
+            maps = torch.tanh(z).view(b, self.dim, rows, c)
             generated.append(torch.tanh(dense(maps.flatten(1))).view(b, rows * r, self.dim))
         return torch.cat(generated, dim=1)
 
@@ -263,7 +292,18 @@ class FGCNNNetwork(nn.Module):
 
     def forward(self, fields: torch.Tensor, generation_fields: torch.Tensor) -> torch.Tensor:
         x = torch.cat([fields, self.generation(generation_fields)], dim=1)  # (B, N, k)
-        return self.head(self.mlp(torch.cat([x.flatten(1), self.products(x)], dim=1)))
+        if not torch.is_autocast_enabled(x.device.type):
+            return self.head(self.mlp(torch.cat([x.flatten(1), self.products(x)], dim=1)))
+        # Under bf16 autocast (qarm.precision) the inner products and the output layer stay float32: they cost
+        # ~3% of the products, and bfloat16 logits (8 significant bits: steps of 0.03 at a logit of 5) would
+        # round the loss's inputs; the generation and the MLP run in bfloat16.
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            products = self.products(x)
+        hidden = self.mlp(torch.cat([x.flatten(1), products], dim=1))
+        with torch.autocast(x.device.type, enabled=False):
+            out: torch.Tensor = self.head(hidden.float())
+        return out
 
 
 class FGCNN(nn.Module):
@@ -388,10 +428,40 @@ def xavier_init(model: nn.Module) -> None:
                     module.weight[module.padding_idx].zero_()
 
 
-def _larger(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Elementwise max whose gradient goes to one side: ``torch.maximum``'s backward splits ties, at the cost
-    of several more passes over the map (~10% of a training step here)."""
-    return torch.where(a >= b, a, b)
+class _SlotMax(torch.autograd.Function):
+    """``(N, 2, M) -> (N, M)``: the larger of the two slots, its gradient to one slot (the first of equal ones).
+
+    Measured on CPU (one thread): ``Tensor.max(dim=1)`` reduces the 2-slot middle axis ~8x slower than
+    ``torch.maximum`` of the two slices, and ``torch.where`` (the obvious routing, forward and backward) is
+    ~10x slower than a multiply; here the forward saves the comparison as a float 1.0 / 0.0 mask and the
+    backward is one multiply and one subtraction into the ``(N, 2, M)`` gradient, all on float tensors. The
+    first slot wins ties, so a slot that repeats it (a short window, rounding up) gets no gradient: the kernel's
+    gradient counts each row once.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, slots: torch.Tensor) -> torch.Tensor:
+        first = torch.ge(slots[:, 0], slots[:, 1], out=torch.empty_like(slots[:, 0]))  # 1.0 / 0.0: a float compare
+        ctx.save_for_backward(first)  # half the slots' memory; the slots themselves are freed after the forward
+        return torch.maximum(slots[:, 0], slots[:, 1])
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        (first,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        out = torch.empty((grad.shape[0], 2, grad.shape[1]), dtype=grad.dtype, device=grad.device)
+        torch.mul(grad, first, out=out[:, 0])  # (a bool mask would take the slow mixed-dtype path)
+        torch.sub(grad, out[:, 0], out=out[:, 1])
+        return out
+
+
+def _window_max(slots: torch.Tensor) -> torch.Tensor:
+    """``(N, p, M) -> (N, M)``, the max over the ``p`` slots of each window (:class:`_SlotMax` for ``p = 2``; a
+    chain of ``torch.maximum`` otherwise, whose ties share the gradient: a repeated slot's share reaches the
+    same kernel rows, so the parameters' gradients are unchanged)."""
+    if slots.shape[1] == 2:
+        out: torch.Tensor = _SlotMax.apply(slots)
+        return out
+    return functools.reduce(torch.maximum, slots.unbind(1))
 
 
 def _check_sizes(owner: str, param: str, value: object) -> None:

@@ -27,7 +27,7 @@ qarm's loop: ``--qarm-clip``). qarm's FGCNN uses FuxiCTR's initialisation (``FGC
 ``precision="bf16"``: ``qarm.precision.autocast`` around the forward, bfloat16 matrix products, float32
 weights, Adam state and loss; scored in float32) and ``fuxictr_fgcnn``.
 
-**Calibration.** Every run also reports its test log loss after temperature scaling (``qarm.calibration``,
+**Calibration.** Every run also reports its test log loss after temperature scaling (``qarm.train.calibration``,
 ``--calibration platt`` for Platt scaling) fitted on the kept epoch's holdout logits, the rows the epoch was
 chosen on, never test rows; the AUC is unchanged. For FuxiCTR the same fit is applied to its outputs (FuxiCTR
 has no such step: its own result is the raw log loss). The per-epoch holdout AUC and log loss of every run
@@ -247,7 +247,7 @@ def worker(name: str, seed: int, args: argparse.Namespace) -> dict:
     import sklearn.metrics  # noqa: F401 - the metrics' import before the memory baseline (FuxiCTR's imports hold it)
     import torch
 
-    from qarm.calibration import fit_calibration
+    from qarm.train.calibration import fit_calibration
 
     torch.set_num_threads(1)
     data = load(args.split_seed)
@@ -258,7 +258,7 @@ def worker(name: str, seed: int, args: argparse.Namespace) -> dict:
         out = run_qarm(data, seed, args, PRECISION[name]) if name in PRECISION \
             else run_fuxictr(data, seed, args, Path(tmp))
     test, holdout, model = out.pop("test_logits"), out.pop("holdout_logits"), out.pop("model")
-    # Temperature scaling (qarm.calibration), fitted on the holdout rows the epoch was chosen on, never on test
+    # Temperature scaling (qarm.train.calibration), fitted on the holdout rows the epoch was chosen on, never on test
     # rows; the same fit on FuxiCTR's outputs is reported beside (FuxiCTR itself has no calibration step).
     calibration = fit_calibration(holdout, data["y_holdout"], args.calibration)
     calibrated = calibration.apply(test)
@@ -287,7 +287,7 @@ def main() -> int:
     p.add_argument("--qarm-init", choices=("torch", "xavier"), default="xavier",
                    help="qarm's FGCNNConfig.init (xavier: FuxiCTR's scheme)")
     p.add_argument("--calibration", choices=("temperature", "platt"), default="temperature",
-                   help="qarm.calibration method fitted on the holdout rows (reported beside the raw log loss)")
+                   help="qarm.train.calibration method fitted on the holdout rows (reported beside the raw log loss)")
     p.add_argument("--models", default=",".join(MODELS),
                    help=f"comma-separated subset of {', '.join(MODELS)} (qarm_fgcnn_bf16: qarm's precision='bf16')")
     p.add_argument("--name", default="peer_fgcnn_fuxictr", help="results file names (.md, .json) under --out")
@@ -326,7 +326,7 @@ def main() -> int:
                                                                  f"holdout AUC, min {MIN_LR:g}",
                        "batch_norm": args.batch_norm, "pooling": "round up", "qarm_init": args.qarm_init,
                        "qarm_clip_grad_norm": args.qarm_clip, "split_seed": args.split_seed,
-                       "calibration": f"{args.calibration} scaling (qarm.calibration) fitted on the holdout rows",
+                       "calibration": f"{args.calibration} scaling (qarm.train.calibration) fitted on the holdout rows",
                        "models": models,
                        "seeds": seeds, "fgcnn": SETTINGS, "fuxictr_repo": str(repo), "fuxictr_commit": commit}}
     print(json.dumps(info, indent=1))

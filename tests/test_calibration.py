@@ -9,7 +9,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss, roc_auc_score
 
-from qarm.calibration import Calibrated, calibrate, fit_calibration
+from qarm.train.calibration import Calibrated, calibrate, fit_calibration
 from qarm.errors import ConfigError
 
 

@@ -17,7 +17,7 @@ a fit that would flip the order (``a <= 0``: the logits rank worse than chance) 
 logits; :func:`fit_calibration` gives the parameters from logits and labels; :func:`calibrate` does both for
 a ranking model on a split of an :class:`~qarm.features.ExampleSource` (the ``valid`` split by default).
 
-    from qarm.calibration import Calibrated, calibrate, fit_calibration
+    from qarm.train.calibration import Calibrated, calibrate, fit_calibration
     calibration = fit_calibration(holdout_logits, holdout_labels, "temperature")   # (N, T) or (N,)
     model = Calibrated(model, calibration)          # forward: scale * model(x) + bias
     ranker = calibrate(result.model, source)        # a trained ranking model, fitted on source's valid split

@@ -9,8 +9,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss, roc_auc_score
 
-from qarm.train.calibration import Calibrated, calibrate, fit_calibration
 from qarm.errors import ConfigError
+from qarm.train.calibration import Calibrated, calibrate, fit_calibration
 
 
 def _overconfident(n: int = 4000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

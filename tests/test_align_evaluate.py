@@ -33,6 +33,19 @@ def test_pair_recall_ties_count_against_the_target_and_scale_does_not_matter() -
     assert result["recall@1"] == 0 and result["recall@2"] == 1
 
 
+def test_score_blocks_are_bounded_and_change_no_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A catalogue too large for the wanted block is scored in smaller blocks, with the same ranks."""
+    import qarm.align.user2item as user2item
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(50, 4)).astype(np.float32)
+    held_out = pairs(*[(int(a), int(b)) for a, b in rng.integers(0, 50, size=(30, 2)) if a != b])
+    whole = pair_recall(vectors, held_out, ks=(1, 5, 10))
+    monkeypatch.setattr(user2item, "SCORE_BLOCK_ELEMENTS", 7 * 50)  # 7 triggers a block against 50 items
+    assert user2item.score_block_rows(50, 1024) == 7 and user2item.score_block_rows(10**9, 1024) == 1
+    assert pair_recall(vectors, held_out, ks=(1, 5, 10)) == whole
+
+
 def test_pair_recall_input_errors() -> None:
     with pytest.raises(ConfigError, match=r"The 'ks' parameter of pair_recall must be ints >= 1. Got \[0\]"):
         pair_recall(VECTORS, pairs((0, 1)), ks=(0,))

@@ -62,6 +62,7 @@ from safetensors.numpy import load_file as load_numpy_file
 from safetensors.numpy import save as save_numpy
 from safetensors.torch import save as save_torch
 
+from qarm.align.user2item import score_block_rows
 from qarm.config import from_dict, to_dict
 from qarm.data.io import atomic_write_bytes
 from qarm.data.schema import Dataset
@@ -481,11 +482,15 @@ class _Trainer:
         losses = [float(self.loss(vectors[t_rows[s:s + size]], vectors[g_rows[s:s + size]],
                                   self.eval_trigger[s:s + size], self.eval_target[s:s + size]))
                   for s in range(0, n, size) if n - s >= 2]
-        # Recall@10 of the target among the candidates (the trigger itself excluded).
-        scores = vectors[t_rows] @ vectors.T
-        scores[torch.arange(n), t_rows] = float("-inf")
-        target_score = scores[torch.arange(n), g_rows]
-        rank = (scores >= target_score[:, None]).sum(dim=1) - 1  # ties count against the target
+        # Recall@10 of the target among the candidates (the trigger itself excluded), in bounded blocks.
+        rank = torch.empty(n, dtype=torch.int64)
+        block = score_block_rows(len(vectors), n)
+        for s in range(0, n, block):
+            rows = torch.arange(min(block, n - s))
+            scores = vectors[t_rows[s:s + block]] @ vectors.T
+            scores[rows, t_rows[s:s + block]] = float("-inf")
+            target_score = scores[rows, g_rows[s:s + block]]
+            rank[s:s + block] = (scores >= target_score[:, None]).sum(dim=1) - 1  # ties count against the target
         return {"step": self.step, "holdout_loss": float(np.mean(losses)) if losses else float("nan"),
                 "holdout_recall@10": float((rank < 10).float().mean()), "pool_items": int(len(items)),
                 "seconds": round(time.perf_counter() - start, 3)}

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from qarm.align.contrastive import check_pairs
+from qarm.align.user2item import score_block_rows
 from qarm.data.io import atomic_write_bytes
 from qarm.errors import ConfigError, DataError
 
@@ -48,7 +49,7 @@ def pair_recall(
     pairs : DataFrame with int columns ``trigger`` and ``target`` (self-pairs dropped).
     ks : cut-offs K.
     exclude_self : leave the trigger out of its own ranking (it would always be first).
-    chunk_size : triggers scored at a time (memory: chunk_size x n_items floats).
+    chunk_size : triggers scored at a time (memory: chunk_size x n_items floats, at most 256 MiB).
 
     Returns
     -------
@@ -65,6 +66,7 @@ def pair_recall(
     if n == 0:
         return {f"recall@{k}": float("nan") for k in ks} | {"mrr": float("nan"), "n_pairs": 0}
     ranks = np.empty(n, dtype=np.int64)
+    chunk_size = score_block_rows(unit.shape[0], chunk_size)
     with torch.no_grad():
         for start in range(0, n, chunk_size):
             t = torch.from_numpy(trigger[start:start + chunk_size])

@@ -635,6 +635,12 @@ ScoreFn = Callable[[np.ndarray, np.ndarray], torch.Tensor]
 SCORE_BLOCK_ELEMENTS = 64 * 1024 * 1024  # 256 MiB of float32 scores per evaluation block
 
 
+def score_block_rows(n_items: int, wanted: int) -> int:
+    """Queries per (queries, n_items) score block: ``wanted``, or fewer so that a block holds at most
+    ``SCORE_BLOCK_ELEMENTS`` floats (1,024 queries against 1M items would be 4 GiB)."""
+    return max(1, min(wanted, SCORE_BLOCK_ELEMENTS // max(n_items, 1)))
+
+
 def evaluate_retrieval(
     dataset: Dataset,
     score_fn: ScoreFn,
@@ -669,9 +675,7 @@ def evaluate_retrieval(
     cold = torch.from_numpy(np.flatnonzero(cold_item_mask(dataset)))
     hits = np.zeros(len(queries), dtype=bool)
     gains = np.zeros(len(queries), dtype=np.float64)
-    # A (queries, n_items) score block of at most SCORE_BLOCK_ELEMENTS floats: 1,024 queries against 1M
-    # items would be 4 GiB (twice, with the copy that masking needs).
-    batch_size = max(1, min(batch_size, SCORE_BLOCK_ELEMENTS // max(n_items, 1)))
+    batch_size = score_block_rows(n_items, batch_size)  # bounded memory at any catalogue size
     for lo in range(0, len(queries), batch_size):
         hi = min(lo + batch_size, len(queries))
         users = queries.user_ids[lo:hi]

@@ -405,3 +405,16 @@ def test_two_ranks_align_like_one_process_with_the_same_global_batch(text_model,
         assert torch.equal(ranks[0][name], ranks[1][name]), name
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5, msg=name)
     assert (tmp_path / "train" / "checkpoint.pt").exists()  # rank 0's
+
+
+def test_auto_candidates_use_the_pool_on_large_catalogues() -> None:
+    """'auto' ranks among all items only for a frozen text model and a catalogue up to AUTO_ALL_MAX_ITEMS
+    (among 1M items 1,024 held-out pairs gave early stopping no signal); 'all' and 'pool' are as set."""
+    from qarm.align.contrastive import AUTO_ALL_MAX_ITEMS, ranks_among_all
+
+    assert ranks_among_all("auto", 19_220, text_frozen=True)
+    assert ranks_among_all("auto", AUTO_ALL_MAX_ITEMS, text_frozen=True)
+    assert not ranks_among_all("auto", AUTO_ALL_MAX_ITEMS + 1, text_frozen=True)
+    assert not ranks_among_all("auto", 5_000, text_frozen=False)
+    assert ranks_among_all("all", 10**6, text_frozen=False)
+    assert not ranks_among_all("pool", 10, text_frozen=True)

@@ -177,6 +177,22 @@ def info_nce(
 # Config and history
 
 
+AUTO_ALL_MAX_ITEMS = 100_000
+"""``eval_candidates="auto"`` ranks among all items up to this many. Among 1M items the 1,024 held-out
+pairs of early stopping found 1 target in the top 10 at every evaluation (measured: recall@10 0.00098 from
+step 0 to 1,000 while the held-out loss fell 6.39 -> 5.61), so nothing counted as an improvement and the
+stage kept step 0; the evaluation sample's own items (the pool) keep the measure informative."""
+
+
+def ranks_among_all(eval_candidates: str, n_items: int, text_frozen: bool) -> bool:
+    """Whether early stopping ranks held-out targets among all items: ``"all"`` / ``"pool"`` as set;
+    ``"auto"``: all items when the text model is frozen (cheap: the head on cached vectors) and the catalogue
+    has at most ``AUTO_ALL_MAX_ITEMS`` items, the pool otherwise."""
+    if eval_candidates != "auto":
+        return eval_candidates == "all"
+    return text_frozen and n_items <= AUTO_ALL_MAX_ITEMS
+
+
 @dataclass
 class AlignConfig:
     """Alignment training. Defaults measured on MicroLens-50k on 2 CPU cores (RESULTS.md, issue 3): the
@@ -188,7 +204,8 @@ class AlignConfig:
     ``eval_candidates``: held-out Recall@10 ranks each target among ``"all"`` items (the stage's real
     measure; every item is encoded at each evaluation) or among the items of the evaluation sample
     (``"pool"``, cheap when transformer layers train); ``"auto"``: all items when the text model is
-    frozen (the head runs on cached vectors, milliseconds), the pool otherwise."""
+    frozen (the head runs on cached vectors, milliseconds) and the catalogue has at most
+    ``AUTO_ALL_MAX_ITEMS`` (100,000) items, the pool otherwise."""
 
     temperature: float = 0.1  # measured on MicroLens (0.05 / 0.1 / 0.2): 0.1 and 0.2 beat SimCSE's 0.05 by ~1.3x
     batch_size: int = 256  # pairs per step: 255 in-batch negatives per direction; head-only steps cost ~10 ms
@@ -497,9 +514,8 @@ class _Trainer:
 
     def rank_among_all(self) -> bool:
         """Whether evaluations rank held-out targets among all items (``eval_candidates``)."""
-        if self.config.eval_candidates != "auto":
-            return self.config.eval_candidates == "all"
-        return not self.encoder.uses_text or (self.states is not None and self.states.whole_model_frozen)
+        frozen = not self.encoder.uses_text or (self.states is not None and self.states.whole_model_frozen)
+        return ranks_among_all(self.config.eval_candidates, len(self.inputs), frozen)
 
     def improved(self, metric: float) -> bool:
         best = self.history.best_metric

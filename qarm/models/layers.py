@@ -353,20 +353,17 @@ class IdEmbedding(nn.Module):
 
 
 class _BagSum(torch.autograd.Function):
-    """``out[n] = sum_k w[n, k] * weight[index[n, k]]``, differentiable in ``weight`` only (``w = None``:
-    every weight 1).
+    """``out[n] = sum_k w[n, k] * weight[index[n, k]]``, differentiable in ``weight`` only.
 
-    Forward is ``F.embedding_bag(mode="sum")``. Backward adds each read's weighted output gradient into
-    the read row with one ``index_add_`` of ``N x K`` rows, in read order (the sum order is fixed: the
-    result is deterministic). On one CPU thread, 3k items x 25 VQ codes of width 32, forward + backward
-    take 2.4 ms against 3.4 ms for a bag over the sorted transposed index (this class's previous
-    backward) and 5.4 ms for ``embedding_bag``'s own backward; 3k items x 6 RQ codes 0.5 ms against 1.6 ms:
-    ``embedding_bag``'s backward sorts the index, and the sort cost more than the scatter.
+    Forward is ``F.embedding_bag(mode="sum")``. Backward computes the weight's gradient as another
+    bag over the *transposed* index (for each distinct row ``j`` of ``weight``, the outputs that read
+    it), so it runs on the same fast kernel instead of a scatter-add of ``N x K`` rows: on one CPU
+    thread, 3.8k items x 25 VQ codes, 4.7 ms forward + backward against 15 ms for
+    ``embedding_bag(mode="mean", padding_idx=...)``. The sort is stable: the result is deterministic.
     """
 
     @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, index: torch.Tensor,
-                per_sample_weights: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx: Any, weight: torch.Tensor, index: torch.Tensor, per_sample_weights: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(index, per_sample_weights)
         ctx.weight_shape = weight.shape
         return F.embedding_bag(index, weight, mode="sum", per_sample_weights=per_sample_weights)
@@ -374,20 +371,22 @@ class _BagSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         index, per_sample_weights = ctx.saved_tensors
-        grad = grads[0]  # (N, D)
-        n, k = index.shape
-        reads = grad.unsqueeze(1).expand(n, k, grad.shape[1])  # (N, K, D): read (n, k) gets out[n]'s gradient
-        if per_sample_weights is not None:
-            reads = reads * per_sample_weights.unsqueeze(2)
+        grad = grads[0].contiguous()  # (N, D)
+        flat = index.reshape(-1).to(torch.int32)  # row ids fit; int32 sorts twice as fast as int64 on CPU
+        rows, order = torch.sort(flat, stable=True)
+        unique, counts = torch.unique_consecutive(rows, return_counts=True)
+        offsets = torch.zeros_like(counts)
+        offsets[1:] = torch.cumsum(counts, 0)[:-1]
+        reads = F.embedding_bag(torch.div(order, index.shape[1], rounding_mode="floor"), grad, offsets,
+                                mode="sum", per_sample_weights=per_sample_weights.reshape(-1)[order])
         grad_weight = grad.new_zeros(ctx.weight_shape)
-        grad_weight.index_add_(0, index.reshape(-1), reads.reshape(n * k, grad.shape[1]))
+        grad_weight.index_copy_(0, unique.to(torch.int64), reads)
         return grad_weight, None, None
 
 
-def bag_sum(weight: torch.Tensor, index: torch.Tensor, per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Weighted bags of rows: int64 ``index`` (N, K) and float ``per_sample_weights`` (N, K) -> (N, D),
-    ``out[n] = sum_k per_sample_weights[n, k] * weight[index[n, k]]`` (``None``: weights 1, a plain sum;
-    see :class:`_BagSum`)."""
+def bag_sum(weight: torch.Tensor, index: torch.Tensor, per_sample_weights: torch.Tensor) -> torch.Tensor:
+    """Weighted bags of rows: int ``index`` (N, K) and float ``per_sample_weights`` (N, K) -> (N, D),
+    ``out[n] = sum_k per_sample_weights[n, k] * weight[index[n, k]]`` (see :class:`_BagSum`)."""
     if index.numel() == 0 or not weight.requires_grad or not torch.is_grad_enabled():
         return F.embedding_bag(index, weight, mode="sum", per_sample_weights=per_sample_weights)
     out: torch.Tensor = _BagSum.apply(weight, index, per_sample_weights)
@@ -444,7 +443,7 @@ class RQEmbedding(nn.Module):
     Summing per-level embeddings is the "unigram semantic ID" of Singh et al. (2023, *Better
     Generalization with Semantic IDs*): items sharing a coarse code share that part of their
     embedding, and the width does not grow with L. The tables are one matrix with level offsets, so the
-    lookup is a single bag (:func:`bag_sum`).
+    lookup is a single ``embedding_bag``.
 
     Parameters
     ----------
@@ -468,7 +467,7 @@ class RQEmbedding(nn.Module):
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         flat = items.reshape(-1)
-        pooled = bag_sum(self.table.weight, gather_rows(self.flat_codes, flat))
+        pooled = F.embedding_bag(gather_rows(self.flat_codes, flat), self.table.weight, mode="sum")
         return pooled.view(*items.shape, -1)
 
 

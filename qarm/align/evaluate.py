@@ -18,8 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from qarm.align.contrastive import check_pairs
-from qarm.align.user2item import score_block_rows
+from qarm.align.contrastive import check_pairs, target_ranks
 from qarm.data.io import atomic_write_bytes
 from qarm.errors import ConfigError, DataError
 
@@ -65,18 +64,8 @@ def pair_recall(
     n = len(trigger)
     if n == 0:
         return {f"recall@{k}": float("nan") for k in ks} | {"mrr": float("nan"), "n_pairs": 0}
-    ranks = np.empty(n, dtype=np.int64)
-    chunk_size = score_block_rows(unit.shape[0], chunk_size)
-    with torch.no_grad():
-        for start in range(0, n, chunk_size):
-            t = torch.from_numpy(trigger[start:start + chunk_size])
-            g = torch.from_numpy(target[start:start + chunk_size])
-            rows = torch.arange(len(t))
-            scores = unit[t] @ unit.T  # (chunk, n_items)
-            if exclude_self:
-                scores[rows, t] = float("-inf")
-            target_score = scores[rows, g]
-            ranks[start:start + len(t)] = ((scores >= target_score[:, None]).sum(dim=1) - 1).numpy()
+    ranks = target_ranks(unit, torch.from_numpy(trigger), torch.from_numpy(target), exclude_self=exclude_self,
+                         block=chunk_size).numpy()
     out = {f"recall@{k}": float((ranks < k).mean()) for k in ks}
     return out | {"mrr": float((1.0 / (ranks + 1)).mean()), "n_pairs": int(n)}
 

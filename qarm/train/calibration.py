@@ -35,6 +35,7 @@ from torch import nn
 
 from qarm.errors import ConfigError
 from qarm.features.examples import ExampleSource
+from qarm.train.trainer import predict_logits
 
 Method = Literal["temperature", "platt"]
 METHODS: tuple[Method, ...] = ("temperature", "platt")
@@ -124,22 +125,11 @@ def calibrate(model: nn.Module, source: ExampleSource, split: str = "valid", met
               batch_size: int = 8192) -> Calibrated:
     """``Calibrated(model, fit_calibration(logits, labels, method))`` with the ranking model's float32 logits
     and the labels of ``split``'s rows (one fit per task). Use a split the reported metrics do not come from."""
-    was_training = model.training
-    model.eval()
     rows = source.rows(split)
-    logits, labels = [], []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(rows), batch_size):
-                batch = source.batch(rows[start:start + batch_size])
-                device = next(model.parameters()).device
-                logits.append(model(batch.to(device)).float().cpu())
-                labels.append(batch.labels if batch.labels is not None else torch.empty(0))
-    finally:
-        model.train(was_training)
-    if not logits or any(y.numel() == 0 for y in labels):
+    if len(rows) == 0:
         raise ConfigError(f"calibrate: the {split!r} split has no labelled rows.")
-    return Calibrated(model, fit_calibration(torch.cat(logits), torch.cat(labels), method))
+    logits = predict_logits(model, source, rows, batch_size=batch_size)
+    return Calibrated(model, fit_calibration(logits, source.labels[rows], method))
 
 
 def _as_2d(values: np.ndarray | torch.Tensor, name: str) -> np.ndarray:

@@ -201,23 +201,30 @@ def predict(model: nn.Module, source: ExampleSource, split: str, *, batch_size: 
     DataFrame, one row per example in row order: ``user_id, item_id, label_<task>..., cold_item,
     longtail_group, score_<task>...`` (probabilities, float64) and ``row`` (the interaction row).
     """
-    model = _unwrap(model)
-    device = device_of(model)
     rows = source.rows(split) if rows is None else np.asarray(rows, dtype=np.int64)
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast(precision, device.type):
-            chunks = [torch.sigmoid(model(source.batch(rows[s:s + batch_size]).to(device)).float()).cpu()
-                      for s in range(0, len(rows), batch_size)]
-    finally:
-        model.train(was_training)
-    scores = torch.cat(chunks).double().numpy() if chunks else np.zeros((0, len(source.tasks)))
+    logits = predict_logits(model, source, rows, batch_size=batch_size, precision=precision)
+    scores = torch.sigmoid(logits).double().numpy()
     frame = source.frame(rows)
     for j, task in enumerate(source.tasks):
         frame[f"{M.SCORE_PREFIX}{task}"] = scores[:, j]
     frame["row"] = rows
     return frame
+
+
+def predict_logits(model: nn.Module, source: ExampleSource, rows: np.ndarray, *, batch_size: int = 8192,
+                   precision: Precision = "fp32") -> torch.Tensor:
+    """Float32 logits ``(len(rows), T)`` of the examples ``rows``, in row order, on the CPU (eval mode)."""
+    model = _unwrap(model)
+    device = device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast(precision, device.type):
+            chunks = [model(source.batch(rows[s:s + batch_size]).to(device)).float().cpu()
+                      for s in range(0, len(rows), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks) if chunks else torch.zeros((0, len(source.tasks)))
 
 
 def validation_metrics(frame: pd.DataFrame, tasks: tuple[str, ...] | list[str]) -> dict[str, dict[str, float]]:

@@ -28,6 +28,7 @@ from qarm.models.layers import (
     VQEmbedding,
     bag_sum,
     embed_unique,
+    embedding_table,
     gather_rows,
     linear_with_blocks,
     pack,
@@ -271,8 +272,28 @@ def test_bag_sum_forward_and_gradient_equal_a_gather_and_sum():
     (reference * upstream).sum().backward()
     torch.testing.assert_close(bag_sum(weight, index, psw), reference)
     torch.testing.assert_close(ours, weight.grad)
+    # The sparse gradient holds the same values, on the rows read only.
+    expected = weight.grad.clone()
+    weight.grad = None
+    (bag_sum(weight, index, psw, sparse=True) * upstream).sum().backward()
+    assert weight.grad.is_sparse
+    assert set(weight.grad.coalesce().indices()[0].tolist()) == set(index.reshape(-1).tolist())
+    torch.testing.assert_close(weight.grad.to_dense(), expected)
     assert torch.autograd.gradcheck(lambda w: bag_sum(w, index[:6], psw[:6].double()),
                                     (weight.detach()[:, :2].double().requires_grad_(),))
+
+
+def test_tables_are_sparse_above_the_size_rule_or_when_asked():
+    from qarm.optim import SPARSE_ROWS
+
+    assert not embedding_table(SPARSE_ROWS, 2, sparse=None).sparse
+    assert embedding_table(SPARSE_ROWS + 1, 2, sparse=None).sparse
+    assert not embedding_table(SPARSE_ROWS + 1, 2).sparse  # the default: never
+    assert embedding_table(5, 2, sparse=True).sparse
+    vq = VQEmbedding(np.array([[1, 2], [0, -1], [1, 0]]), n_catalogue=3, dim=4, sparse=True)
+    vq(torch.tensor([0, 2])).sum().backward()
+    assert vq.table.weight.grad.is_sparse
+    assert sorted(vq.table.weight.grad.coalesce().indices()[0].tolist()) == [0, 1, 2]
 
 
 def test_vq_embedding_gradient_skips_missing_codes():

@@ -65,23 +65,25 @@ def test_qarm_learns_in_one_epoch(data, tables, tmp_path):
     assert state["step"] == result.history.steps and state["history"]["evals"][-1]["valid"]["click"]["auc"] > 0.6
 
 
-@pytest.mark.parametrize("stop_at", [5, 11])  # one step after a checkpoint (4), three steps after one (8)
-def test_resume_after_interruption_equals_an_uninterrupted_run(data, tables, tmp_path, stop_at):
+# one step after a checkpoint (4), three steps after one (8); and with sparse tables (SparseAdam's state)
+@pytest.mark.parametrize(("stop_at", "sparse"), [(5, False), (11, False), (5, True)])
+def test_resume_after_interruption_equals_an_uninterrupted_run(data, tables, tmp_path, stop_at, sparse):
     source, _ = data
     config = TrainConfig(epochs=2, batch_size=512, eval_every=6, checkpoint_every=4, seed=1)
-    whole = train(build_model("qarm", source.spec, tables, seed=1), source, config, tmp_path / "whole",
-                  progress=False)
+    model_config = {"sparse_tables": sparse}
+    whole = train(build_model("qarm", source.spec, tables, model_config, seed=1), source, config,
+                  tmp_path / "whole", progress=False)
 
     def interrupt(step: int, loss: float) -> None:
         if step == stop_at:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train(build_model("qarm", source.spec, tables, seed=1), source, config, tmp_path / "cut", progress=False,
-              on_step=interrupt)
+        train(build_model("qarm", source.spec, tables, model_config, seed=1), source, config, tmp_path / "cut",
+              progress=False, on_step=interrupt)
     # a fresh process would rebuild the model from its seed; a different seed must not matter either
-    resumed = train(build_model("qarm", source.spec, tables, seed=99), source, config, tmp_path / "cut",
-                    progress=False)
+    resumed = train(build_model("qarm", source.spec, tables, model_config, seed=99), source, config,
+                    tmp_path / "cut", progress=False)
     assert resumed.history.resumed_from == [stop_at // 4 * 4]  # the last checkpoint before the interruption
     assert resumed.history.steps == whole.history.steps
     assert resumed.history.best_step == whole.history.best_step
@@ -90,6 +92,43 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(data, tables, tmp
     assert np.array_equal(scores(resumed.model, source), scores(whole.model, source))
     for key, value in whole.best_state.items():
         assert torch.equal(value, resumed.best_state[key]), key
+
+
+def test_sparse_tables_train_lazily_with_sparse_adam(data, tables, tmp_path):
+    """``sparse_tables=True``: the ID and VQ tables get sparse gradients and SparseAdam (lazy: rows no batch
+    read keep their initial values, where dense Adam's moments move every row), the model learns as the dense
+    one does, and the settings SparseAdam cannot honour are refused by name."""
+    source, _ = data
+    config = TrainConfig(epochs=1, batch_size=256, seed=0)
+    dense = train(build_model("qarm", source.spec, tables, seed=0), source, config, tmp_path / "dense",
+                  progress=False)
+    model = build_model("qarm", source.spec, tables, {"sparse_tables": True}, seed=0)
+    assert model.item_id.table.sparse and model.vq.table.sparse and model.user_id.sparse
+    assert not model.rq.table.sparse  # L x 256 rows: small, dense
+    sparse = train(model, source, config, tmp_path / "sparse", progress=False)
+    assert type(sparse.optimizer_state) is dict and len(sparse.optimizer_state["param_groups"]) == 2
+    auc = {name: evaluate_predictions(predict(r.model, source, "valid"), list(source.tasks))["click"]["overall"]["auc"]
+           for name, r in (("dense", dense), ("sparse", sparse))}
+    assert auc["sparse"] > 0.6 and abs(auc["sparse"] - auc["dense"]) < 0.03, auc
+    # Lazy: a user row read by step 1's batch but not step 2's stays put in step 2 (dense Adam's momentum
+    # moves it); rows step 2 reads move.
+    order = source.order("train", shuffle=True, seed=0, epoch=0)
+    second = np.unique(source.user[order[256:512]])
+    first_only = np.setdiff1d(np.unique(source.user[order[:256]]), second)
+    assert len(first_only) > 0
+    for sparse_tables, lazy in ((True, True), (False, False)):
+        model = build_model("qarm", source.spec, tables, {"sparse_tables": sparse_tables}, seed=0)
+        rows: dict[int, torch.Tensor] = {}
+        train(model, source, TrainConfig(max_steps=2, batch_size=256, seed=0), progress=False,
+              on_step=lambda step, loss, m=model, r=rows: r.__setitem__(step, m.user_id.weight.detach().clone()))
+        assert torch.equal(rows[2][first_only], rows[1][first_only]) == lazy
+        assert not torch.equal(rows[2][second], rows[1][second])
+    with pytest.raises(ConfigError, match="weight_decay.*sparse"):
+        train(build_model("qarm", source.spec, tables, {"sparse_tables": True}), source,
+              TrainConfig(max_steps=1, weight_decay=1e-4), progress=False)
+    with pytest.raises(ConfigError, match="grad_clip.*sparse"):
+        train(build_model("qarm", source.spec, tables, {"sparse_tables": True}), source,
+              TrainConfig(max_steps=1, grad_clip=1.0), progress=False)
 
 
 def test_training_is_deterministic_by_seed(data, tables):

@@ -173,7 +173,8 @@ def test_sparse_tables_train_lazily_and_as_well(synthetic, trained):
     """The sparse path (SparseAdam on the ID tables) still beats popularity by the same margin as the
     dense path, leaves the rows no batch read untouched (lazy: dense Adam moves every row), and the size
     rule picks it for large tables only."""
-    from qarm.align.user2item import SPARSE_ROWS, uses_sparse_embeddings
+    from qarm.align.user2item import uses_sparse_embeddings
+    from qarm.optim import SPARSE_ROWS
 
     config = User2ItemConfig(**FAST, sparse_embeddings=True, user_embedding=True)
     model, metrics = train_user2item(synthetic, config, progress=False)

@@ -56,6 +56,7 @@ from qarm.data import schema as S
 from qarm.data.io import atomic_directory, write_json
 from qarm.data.schema import Dataset
 from qarm.errors import ConfigError, DataError
+from qarm.optim import SparseAndDenseAdam, make_adam, wants_sparse
 from qarm.progress import progress_bar
 
 WEIGHTS_FILE = "model.safetensors"
@@ -87,7 +88,7 @@ class User2ItemConfig:
     moments move only in the steps that read it, as TensorFlow's LazyAdam and TorchRec's fused row-wise
     optimisers); the rest trains with Adam. Dense Adam updates every row of the item table at every step:
     at 1M items x 64 that is 64M parameters a step (~0.7 s a step on 2 CPU cores). None: sparse when the
-    item table has more than ``SPARSE_ROWS`` rows (every published catalogue here is smaller: their
+    item table has more than ``qarm.optim.SPARSE_ROWS`` rows (every published catalogue here is smaller: their
     numbers are unchanged)."""
     seed: int = 0  # initialisation and shuffling
 
@@ -297,14 +298,11 @@ class HistoryPooling(nn.Module):
         return torch.einsum("bl,bld->bd", weights, embedded)
 
 
-SPARSE_ROWS = 262_144  # item-table rows above which ``sparse_embeddings=None`` trains the tables sparsely
-
-
 def uses_sparse_embeddings(config: User2ItemConfig, n_items: int) -> bool:
     """Whether the ID tables get sparse gradients (``config.sparse_embeddings``, or the size rule)."""
     if config.sparse_embeddings is not None:
         return config.sparse_embeddings
-    return n_items + 1 > SPARSE_ROWS and not config.weight_decay
+    return wants_sparse(n_items + 1, None) and not config.weight_decay
 
 
 class TwoTower(nn.Module):
@@ -500,29 +498,9 @@ def in_batch_softmax_loss(
     return F.cross_entropy(logits, torch.arange(len(users), device=users.device))
 
 
-class _Optimizers:
-    """Adam on the dense parameters and SparseAdam on the sparse ID tables, stepped together."""
-
-    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
-        self.optimizers = optimizers
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=set_to_none)
-
-    def step(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.step()
-
-
-def make_optimizer(model: TwoTower, config: User2ItemConfig) -> torch.optim.Optimizer | _Optimizers:
+def make_optimizer(model: TwoTower, config: User2ItemConfig) -> torch.optim.Optimizer | SparseAndDenseAdam:
     """Adam over every parameter, or (sparse ID tables) SparseAdam over the tables and Adam over the rest."""
-    tables = [m.weight for m in (model.item_embedding, model.user_embedding) if m is not None and m.sparse]
-    if not tables:
-        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    ids = {id(t) for t in tables}
-    dense = [p for p in model.parameters() if id(p) not in ids]
-    return _Optimizers(torch.optim.SparseAdam(tables, lr=config.lr), torch.optim.Adam(dense, lr=config.lr))
+    return make_adam(model, config.lr, config.weight_decay)
 
 
 def train_user2item(

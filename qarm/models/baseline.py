@@ -50,8 +50,14 @@ class BaselineConfig:
     side_dim: int = 8  # each user side feature and the category: few values each
     attention_hidden: tuple[int, ...] = (64, 32)  # DIN's activation unit (80, 40), a little smaller for CPU
     head: MMoEConfig = field(default_factory=MMoEConfig)
+    sparse_tables: bool | None = None
+    """Sparse gradients (SparseAdam, :mod:`qarm.optim`) for the user ID and item ID tables. None: for each
+    table with more than ``qarm.optim.SPARSE_ROWS`` rows (a million-item catalogue; every
+    catalogue published in RESULTS.md is smaller and trains with dense Adam). Needs ``weight_decay`` 0."""
 
     def __post_init__(self) -> None:
+        if self.sparse_tables is not None:
+            check_bool("BaselineConfig", "sparse_tables", self.sparse_tables)
         for name in ("id_dim", "vector_dim", "side_dim"):
             check_int("BaselineConfig", name, getattr(self, name), 1)
         check_bool("BaselineConfig", "use_frozen_vector", self.use_frozen_vector)
@@ -74,7 +80,7 @@ class BaselineRanker(nn.Module):
         self.config = c = config or BaselineConfig()
         self.tasks = spec.tasks
         # Item side: ID (+ frozen vector).
-        self.item_id = IdEmbedding(tables.id_index, c.id_dim)
+        self.item_id = IdEmbedding(tables.id_index, c.id_dim, sparse=c.sparse_tables)
         self.vector = None
         if c.use_frozen_vector:
             if c.vector not in tables.vectors:
@@ -84,7 +90,7 @@ class BaselineRanker(nn.Module):
         item_dim = c.id_dim + (c.vector_dim if c.use_frozen_vector else 0)
         # User side: the history pooled against the target, the user's ID and side features.
         self.interest = TargetAttention(item_dim, c.attention_hidden)
-        self.user_id = embedding_table(spec.n_users, c.id_dim)
+        self.user_id = embedding_table(spec.n_users, c.id_dim, sparse=c.sparse_tables)
         self.user_side = CategoricalEmbeddings([s for _, s in spec.user_features], c.side_dim) \
             if spec.user_features else None
         self.category = embedding_table(spec.n_categories, c.side_dim) if spec.n_categories else None

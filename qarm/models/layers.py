@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qarm.errors import ConfigError
+from qarm.optim import wants_sparse
 from qarm.quantize._common import check_float, check_int
 
 EMBEDDING_STD = 0.01  # small initial embeddings: untrained rows (unseen users, rare codes) stay near 0
@@ -48,9 +49,12 @@ def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
 
 
-def embedding_table(rows: int, dim: int, padding_idx: int | None = None) -> nn.Embedding:
-    """An embedding table initialised N(0, EMBEDDING_STD), its padding row (if any) zero."""
-    table = nn.Embedding(rows, dim, padding_idx=padding_idx)
+def embedding_table(rows: int, dim: int, padding_idx: int | None = None, sparse: bool | None = False) -> nn.Embedding:
+    """An embedding table initialised N(0, EMBEDDING_STD), its padding row (if any) zero.
+
+    ``sparse``: True gives the table sparse gradients (trained by SparseAdam, see :mod:`qarm.optim`), None
+    leaves it to the size rule (sparse above ``qarm.optim.SPARSE_ROWS`` rows), False (default) never."""
+    table = nn.Embedding(rows, dim, padding_idx=padding_idx, sparse=wants_sparse(rows, sparse))
     nn.init.normal_(table.weight, std=EMBEDDING_STD)
     if padding_idx is not None:
         with torch.no_grad():
@@ -337,16 +341,18 @@ class IdEmbedding(nn.Module):
     index : int array (n_items,)
         Vocabulary rows in ``0..n_vocab`` (0: out of vocabulary).
     dim : int
+    sparse : bool or None
+        Sparse gradients for the table (see :func:`embedding_table`).
 
     Input: item ids (any shape, >= 0); output ``(..., dim)``.
     """
 
     index: torch.Tensor
 
-    def __init__(self, index: np.ndarray | torch.Tensor, dim: int) -> None:
+    def __init__(self, index: np.ndarray | torch.Tensor, dim: int, sparse: bool | None = False) -> None:
         super().__init__()
         self.register_buffer("index", _buffer(index, torch.int64), persistent=False)
-        self.table = embedding_table(int(self.index.max()) + 1 if len(self.index) else 1, dim)
+        self.table = embedding_table(int(self.index.max()) + 1 if len(self.index) else 1, dim, sparse=sparse)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         return self.table(gather_rows(self.index, items))
@@ -360,16 +366,19 @@ class _BagSum(torch.autograd.Function):
     it), so it runs on the same fast kernel instead of a scatter-add of ``N x K`` rows: on one CPU
     thread, 3.8k items x 25 VQ codes, 4.7 ms forward + backward against 15 ms for
     ``embedding_bag(mode="mean", padding_idx=...)``. The sort is stable: the result is deterministic.
+    With ``sparse`` the gradient is a sparse tensor of the rows read (for SparseAdam, see
+    :mod:`qarm.optim`) instead of a dense one of the whole table.
     """
 
     @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, index: torch.Tensor, per_sample_weights: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, weight: torch.Tensor, index: torch.Tensor, per_sample_weights: torch.Tensor,
+                sparse: bool) -> torch.Tensor:
         ctx.save_for_backward(index, per_sample_weights)
-        ctx.weight_shape = weight.shape
+        ctx.weight_shape, ctx.sparse = weight.shape, sparse
         return F.embedding_bag(index, weight, mode="sum", per_sample_weights=per_sample_weights)
 
     @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         index, per_sample_weights = ctx.saved_tensors
         grad = grads[0].contiguous()  # (N, D)
         flat = index.reshape(-1).to(torch.int32)  # row ids fit; int32 sorts twice as fast as int64 on CPU
@@ -379,17 +388,22 @@ class _BagSum(torch.autograd.Function):
         offsets[1:] = torch.cumsum(counts, 0)[:-1]
         reads = F.embedding_bag(torch.div(order, index.shape[1], rounding_mode="floor"), grad, offsets,
                                 mode="sum", per_sample_weights=per_sample_weights.reshape(-1)[order])
+        if ctx.sparse:  # the rows read, sorted and distinct: already coalesced
+            return torch.sparse_coo_tensor(unique.to(torch.int64).unsqueeze(0), reads, ctx.weight_shape,
+                                           is_coalesced=True, check_invariants=False), None, None, None
         grad_weight = grad.new_zeros(ctx.weight_shape)
         grad_weight.index_copy_(0, unique.to(torch.int64), reads)
-        return grad_weight, None, None
+        return grad_weight, None, None, None
 
 
-def bag_sum(weight: torch.Tensor, index: torch.Tensor, per_sample_weights: torch.Tensor) -> torch.Tensor:
+def bag_sum(weight: torch.Tensor, index: torch.Tensor, per_sample_weights: torch.Tensor,
+            sparse: bool = False) -> torch.Tensor:
     """Weighted bags of rows: int ``index`` (N, K) and float ``per_sample_weights`` (N, K) -> (N, D),
-    ``out[n] = sum_k per_sample_weights[n, k] * weight[index[n, k]]`` (see :class:`_BagSum`)."""
+    ``out[n] = sum_k per_sample_weights[n, k] * weight[index[n, k]]`` (see :class:`_BagSum`); ``sparse``:
+    the weight's gradient is a sparse tensor."""
     if index.numel() == 0 or not weight.requires_grad or not torch.is_grad_enabled():
         return F.embedding_bag(index, weight, mode="sum", per_sample_weights=per_sample_weights)
-    out: torch.Tensor = _BagSum.apply(weight, index, per_sample_weights)
+    out: torch.Tensor = _BagSum.apply(weight, index, per_sample_weights, sparse)
     return out
 
 
@@ -409,12 +423,15 @@ class VQEmbedding(nn.Module):
     dim : int
     k : int or None
         Use the first ``k`` codes (the ``k`` nearest); None: all.
+    sparse : bool or None
+        Sparse gradients for the table (see :func:`embedding_table`).
     """
 
     codes: torch.Tensor
     mean_weights: torch.Tensor
 
-    def __init__(self, codes: np.ndarray | torch.Tensor, n_catalogue: int, dim: int, k: int | None = None) -> None:
+    def __init__(self, codes: np.ndarray | torch.Tensor, n_catalogue: int, dim: int, k: int | None = None,
+                 sparse: bool | None = False) -> None:
         super().__init__()
         codes = _buffer(codes, torch.int64)
         k = codes.shape[1] if k is None else k
@@ -429,11 +446,12 @@ class VQEmbedding(nn.Module):
         weights = present.to(torch.float32) / present.sum(dim=1, keepdim=True).clamp(min=1)
         self.register_buffer("codes", codes.contiguous(), persistent=False)
         self.register_buffer("mean_weights", weights.contiguous(), persistent=False)
-        self.table = embedding_table(n_catalogue + 1, dim, padding_idx=n_catalogue)
+        self.table = embedding_table(n_catalogue + 1, dim, padding_idx=n_catalogue, sparse=sparse)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         flat = items.reshape(-1)
-        pooled = bag_sum(self.table.weight, gather_rows(self.codes, flat), gather_rows(self.mean_weights, flat))
+        pooled = bag_sum(self.table.weight, gather_rows(self.codes, flat), gather_rows(self.mean_weights, flat),
+                         sparse=self.table.sparse)
         return pooled.view(*items.shape, -1)
 
 

@@ -81,8 +81,14 @@ class QARMConfig:
     side_dim: int = 8  # each user side feature and the category
     attention_hidden: tuple[int, ...] = (64, 32)  # DIN's activation unit, shared size for all attentions
     head: MMoEConfig = field(default_factory=MMoEConfig)
+    sparse_tables: bool | None = None
+    """Sparse gradients (SparseAdam, :mod:`qarm.optim`) for the user ID, item ID and VQ code tables. None:
+    for each table with more than ``qarm.optim.SPARSE_ROWS`` rows (a million-item catalogue; every
+    catalogue published in RESULTS.md is smaller and trains with dense Adam). Needs ``weight_decay`` 0."""
 
     def __post_init__(self) -> None:
+        if self.sparse_tables is not None:
+            check_bool("QARMConfig", "sparse_tables", self.sparse_tables)
         check_option("QARMConfig", "vector", self.vector, VECTORS)
         for name in ("id_dim", "vector_dim", "code_dim", "match_length", "side_dim"):
             check_int("QARMConfig", name, getattr(self, name), 1)
@@ -113,10 +119,10 @@ class QARMRanker(nn.Module):
         self.tasks = spec.tasks
         _check_tables(c, tables)
         # Item side: ID, frozen vector, VQ codes, RQ codes; each optional but the ID.
-        self.item_id = IdEmbedding(tables.id_index, c.id_dim)
+        self.item_id = IdEmbedding(tables.id_index, c.id_dim, sparse=c.sparse_tables)
         self.vector = FrozenVector(tables.vectors[c.vector], c.vector_dim) if c.vector != "none" else None
-        self.vq = VQEmbedding(required_codes(tables.vq, "vq"), tables.n_catalogue, c.code_dim, c.vq_k) \
-            if c.use_vq else None
+        self.vq = VQEmbedding(required_codes(tables.vq, "vq"), tables.n_catalogue, c.code_dim, c.vq_k,
+                              sparse=c.sparse_tables) if c.use_vq else None
         self.rq = RQEmbedding(required_codes(tables.rq, "rq"), tables.rq_sizes, c.code_dim) if c.use_rq else None
         item_dim = c.id_dim + (c.vector_dim if self.vector is not None else 0) \
             + (c.code_dim if self.vq is not None else 0) + (c.code_dim if self.rq is not None else 0)
@@ -128,7 +134,7 @@ class QARMRanker(nn.Module):
         if c.use_code_matching:
             self.code_matching = CodeMatchingSequences(seq_dim, c.match_length, c.attention_hidden)
             self.register_buffer("rq_codes", torch.as_tensor(tables.rq, dtype=torch.int64), persistent=False)
-        self.user_id = embedding_table(spec.n_users, c.id_dim)
+        self.user_id = embedding_table(spec.n_users, c.id_dim, sparse=c.sparse_tables)
         self.user_side = CategoricalEmbeddings([s for _, s in spec.user_features], c.side_dim) \
             if spec.user_features else None
         self.category = embedding_table(spec.n_categories, c.side_dim) if spec.n_categories else None

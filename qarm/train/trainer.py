@@ -65,6 +65,7 @@ from qarm.features.batch import RankingBatch
 from qarm.features.examples import ExampleSource
 from qarm.models import describe_model
 from qarm.models.layers import required
+from qarm.optim import make_adam, sparse_tables
 from qarm.precision import PRECISIONS, Precision, autocast
 from qarm.progress import progress_bar
 from qarm.quantize._common import check_float, check_int, check_option
@@ -302,8 +303,12 @@ class _Trainer:
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
         # The fused kernel updates the embedding tables ~3x faster than the loop on CPU; same numbers.
-        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                          fused=True)
+        # Tables built sparse (a model's size rule, e.g. 1M items) train with SparseAdam (qarm.optim).
+        self.optimizer = make_adam(self.module, config.lr, config.weight_decay, fused=True)
+        if config.grad_clip is not None and sparse_tables(self.module):
+            raise ConfigError(f"grad_clip={config.grad_clip!r} but the model has sparse embedding tables "
+                              "(gradient clipping needs dense gradients): set grad_clip to null or build the "
+                              "model with sparse_tables: false")
         self.initial_optimizer_state = optimizer_state
         self.validates = len(source.rows("valid")) > 0
         self.history = TrainHistory()

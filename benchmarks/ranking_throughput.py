@@ -38,6 +38,7 @@ from _machine import load_average
 
 from qarm.features.examples import ExampleSource
 from qarm.models import build_model
+from qarm.optim import make_adam
 from qarm.precision import PRECISIONS, autocast
 from qarm.train.ablation import TABLE1
 from qarm.train.stage import build_tables
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.rows:
             model_name, switches = variants[name]
             models[name] = build_model(model_name, source.spec, tables, switches, seed=args.seed)
-            optimizers[name] = torch.optim.Adam(models[name].parameters(), lr=1e-3, fused=True)  # as the trainer
+            optimizers[name] = make_adam(models[name], 1e-3, fused=True)  # as the trainer (sparse tables: SparseAdam)
         train_s: dict[str, list[float]] = {n: [] for n in args.rows}
         predict_s: dict[str, list[float]] = {n: [] for n in args.rows}
         for round_ in range(args.repeats):

@@ -94,7 +94,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(data, tables, tmp
         assert torch.equal(value, resumed.best_state[key]), key
 
 
-def test_sparse_tables_train_lazily_with_sparse_adam(data, tables, tmp_path):
+def test_sparse_tables_train_lazily_with_sparse_adam(data, tables, tmp_path, monkeypatch):
     """``sparse_tables=True``: the ID and VQ tables get sparse gradients and SparseAdam (lazy: rows no batch
     read keep their initial values, where dense Adam's moments move every row), the model learns as the dense
     one does, and the settings SparseAdam cannot honour are refused by name."""
@@ -105,6 +105,11 @@ def test_sparse_tables_train_lazily_with_sparse_adam(data, tables, tmp_path):
     model = build_model("qarm", source.spec, tables, {"sparse_tables": True}, seed=0)
     assert model.item_id.table.sparse and model.vq.table.sparse and model.user_id.sparse
     assert not model.rq.table.sparse  # L x 256 rows: small, dense
+    with monkeypatch.context() as patch:  # the size rule (None): ID tables above SPARSE_ROWS, the VQ table dense
+        patch.setattr("qarm.optim.SPARSE_ROWS", 10)
+        auto = build_model("qarm", source.spec, tables, seed=0)
+        assert auto.item_id.table.sparse and auto.user_id.sparse and not auto.vq.table.sparse
+        assert not build_model("qarm", source.spec, tables, {"sparse_tables": False}, seed=0).item_id.table.sparse
     sparse = train(model, source, config, tmp_path / "sparse", progress=False)
     assert type(sparse.optimizer_state) is dict and len(sparse.optimizer_state["param_groups"]) == 2
     auc = {name: evaluate_predictions(predict(r.model, source, "valid"), list(source.tasks))["click"]["overall"]["auc"]

@@ -53,7 +53,8 @@ class BaselineConfig:
     sparse_tables: bool | None = None
     """Sparse gradients (SparseAdam, :mod:`qarm.optim`) for the user ID and item ID tables. None: for each
     table with more than ``qarm.optim.SPARSE_ROWS`` rows (a million-item catalogue; every
-    catalogue published in RESULTS.md is smaller and trains with dense Adam). Needs ``weight_decay`` 0."""
+    catalogue published in RESULTS.md is smaller and trains with dense Adam). Needs ``weight_decay`` 0 and no
+    ``grad_clip``."""
 
     def __post_init__(self) -> None:
         if self.sparse_tables is not None:

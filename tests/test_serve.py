@@ -122,6 +122,36 @@ def test_service_scores_equal_the_runs_offline_predictions(run_dir: Path, client
     assert worst < 1e-5, worst
 
 
+def test_a_calibrated_run_is_served_calibrated(run_dir: Path, tmp_path: Path, text_model):
+    """A run trained with ``calibration`` (here its report given one by hand: the weights are the same) is
+    exported with its per-task scale and bias, and the service answers sigmoid(scale * logit + bias) of the
+    raw model's offline predictions."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("models", "live.sqlite"))
+    run = find_run(copy)
+    report = json.loads((run.run_dir / "report.json").read_text())
+    report["calibration"] = {"method": "platt", "fitted_on": "valid", "scale": [0.5, 2.0], "bias": [0.25, -0.5],
+                             "tasks": ["click", "convert"]}
+    (run.run_dir / "report.json").write_text(json.dumps(report))
+    models = tmp_path / "models"
+    manifest = export_bundle(copy, models, version="v1")
+    assert manifest["calibration"]["scale"] == [0.5, 2.0]
+    offline = pd.read_parquet(run.run_dir / "predictions.parquet").sample(n=50, random_state=1)
+    dataset = load_dataset(copy / "data")
+    users = dataset.users.set_index("user_id")["source_id"].astype(str)
+    items = dataset.items.set_index("item_id")["source_id"].astype(str)
+    app = create_app(models, models / "live.sqlite", reload_interval=0, text_model=text_model, warm_encoder=False)
+    worst = 0.0
+    with TestClient(app) as client:
+        for r in offline.itertuples():
+            t = int(dataset.interactions["time"].iloc[int(r.row)])
+            got = rank(client, users[r.user_id], [items[r.item_id]], time=t)["scores"][0]
+            for task, raw, a, b in (("click", r.score_click, 0.5, 0.25), ("convert", r.score_convert, 2.0, -0.5)):
+                expected = 1.0 / (1.0 + np.exp(-(a * np.log(raw / (1.0 - raw)) + b)))
+                worst = max(worst, abs(got[task] - expected))
+    assert worst < 1e-5, worst
+
+
 def test_unknown_users_are_new_users_and_unknown_items_a_404_naming_them(client: TestClient, models: Path):
     out = rank(client, "a-user-never-seen", ["1", "2", "3"])
     assert [s["item_id"] for s in out["scores"]] == ["1", "2", "3"]

@@ -251,6 +251,37 @@ def test_train_ranking_writes_a_report(data, tables, tmp_path):
         RankingConfig(model="dien")
 
 
+@pytest.mark.parametrize("method", ["temperature", "platt"])
+def test_train_ranking_calibrates_on_valid_and_keeps_the_ranking(data, tables, tmp_path, method):
+    """``calibration``: fitted on the valid split's logits (the same fit done here by hand), the test
+    predictions are the raw ones through ``sigmoid(scale * logit + bias)``; GAUC is unchanged."""
+    from qarm.train.calibration import fit_calibration
+    from qarm.train.trainer import predict_logits
+
+    source, _ = data
+    config = RankingConfig(model="qarm", history_length=20, train=TrainConfig(epochs=1, batch_size=256),
+                           calibration=method)
+    report = train_ranking(None, tmp_path, config, source=source, tables=tables)
+    fitted = report["calibration"]
+    assert fitted["method"] == method and fitted["fitted_on"] == "valid" and fitted["tasks"] == ["click", "convert"]
+    model = load_weights(build_model("qarm", source.spec, tables), tmp_path / "train" / BEST_FILE)
+    valid = source.rows("valid")
+    expected = fit_calibration(predict_logits(model, source, valid), source.labels[valid], method)
+    np.testing.assert_allclose(fitted["scale"], expected.scale, rtol=1e-5)
+    np.testing.assert_allclose(fitted["bias"], expected.bias, atol=1e-6)
+    test = source.rows("test")
+    probabilities = expected.probabilities(predict_logits(model, source, test))
+    frame = pd.read_parquet(tmp_path / "predictions.parquet")
+    np.testing.assert_allclose(frame[["score_click", "score_convert"]].to_numpy(), probabilities, atol=1e-5)
+    for task in ("click", "convert"):
+        assert report["metrics"][task]["overall"]["gauc"] == pytest.approx(fitted["uncalibrated"][task]["gauc"],
+                                                                           abs=1e-9)
+    with pytest.raises(ConfigError, match="calibration"):
+        RankingConfig(calibration="isotonic")
+    with pytest.raises(ConfigError, match="fitted on the valid split"):
+        RankingConfig(calibration="platt", eval_split="valid")
+
+
 def test_bf16_training_keeps_float32_weights_learns_and_predicts_close_to_float32(data, tables, tmp_path):
     source, _ = data
     with pytest.raises(ConfigError, match="precision"):

@@ -209,6 +209,8 @@ def export_bundle(run_dir: str | Path, models_dir: str | Path, *, row: str | Non
         "model": model_name,
         "model_config": ranking["model_config"],
         "ranking_config": ranking,
+        # a calibrated run (RankingConfig.calibration): the service applies scale * logit + bias per task
+        "calibration": _calibration(report, list(source.tasks)),
         "tasks": list(source.tasks),
         "spec": _spec_dict(source.spec),
         "history_length": source.history_length,
@@ -240,6 +242,17 @@ def export_bundle(run_dir: str | Path, models_dir: str | Path, *, row: str | Non
     say(f"export: {model_name} -> {final} in {time.perf_counter() - start:.1f} s"
         + (f" (current; removed {removed})" if removed else " (current)" if make_current else ""))
     return manifest
+
+
+def _calibration(report: dict[str, Any], tasks: list[str]) -> dict[str, Any] | None:
+    """The run's fitted calibration (method, per-task scale and bias), checked against its tasks; or None."""
+    fitted = report.get("calibration")
+    if not fitted:
+        return None
+    if fitted.get("tasks") != tasks or len(fitted["scale"]) != len(tasks) or len(fitted["bias"]) != len(tasks):
+        raise DataError(f"the run's calibration covers tasks {fitted.get('tasks')}, the model predicts {tasks}")
+    return {"method": fitted["method"], "scale": [float(v) for v in fitted["scale"]],
+            "bias": [float(v) for v in fitted["bias"]], "tasks": tasks}
 
 
 def version_name(content: bytes) -> str:

@@ -199,6 +199,11 @@ class Scorer:
         self.tables, self.item_category = self._tables()
         self.model = self._build(self.tables)
         self.vector_name = _vector_name(self.model)
+        calibration = bundle.manifest.get("calibration")  # a calibrated run: scale * logit + bias per task
+        self.logit_scale = torch.tensor(calibration["scale"] if calibration else [1.0] * len(bundle.tasks),
+                                        dtype=torch.float32, device=self.device)
+        self.logit_bias = torch.tensor(calibration["bias"] if calibration else [0.0] * len(bundle.tasks),
+                                       dtype=torch.float32, device=self.device)
 
     # -- building ---------------------------------------------------------------------------------
 
@@ -306,7 +311,8 @@ class Scorer:
         batch = assemble_batch(np.full(c, user, dtype=np.int64), items, np.repeat(history[None, :], c, axis=0),
                                user_feature_codes=self.user_feature_codes, item_category=self.item_category)
         with torch.no_grad():
-            return torch.sigmoid(self.model(batch.to(self.device))).double().cpu().numpy()
+            logits = self.model(batch.to(self.device)) * self.logit_scale + self.logit_bias
+            return torch.sigmoid(logits).double().cpu().numpy()
 
     def encode_items(self, texts: list[str], vectors: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray,
                                                                                      np.ndarray]:

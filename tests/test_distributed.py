@@ -43,15 +43,16 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def trained_weights(data_dir: Path, config: TrainConfig) -> dict[str, torch.Tensor]:
+def trained_weights(data_dir: Path, config: TrainConfig, model_config: dict[str, Any] | None = None,
+                    ) -> dict[str, torch.Tensor]:
     source = ExampleSource.from_folder(data_dir, history_length=20)
-    model = build_model("id_only", source.spec, build_tables(source, data_dir, "id_only"), seed=0)
+    model = build_model("id_only", source.spec, build_tables(source, data_dir, "id_only"), model_config, seed=0)
     return train(model, source, config, progress=False).model.state_dict()
 
 
-def train_on_rank(data_dir: Path, config: TrainConfig, out: Path) -> None:
+def train_on_rank(data_dir: Path, config: TrainConfig, out: Path, model_config: dict[str, Any] | None = None) -> None:
     """Run in each spawned rank: train, and save this rank's weights for the test to compare."""
-    torch.save(trained_weights(data_dir, config), out / f"weights{rank()}.pt")
+    torch.save(trained_weights(data_dir, config, model_config), out / f"weights{rank()}.pt")
 
 
 def ranking_on_rank(data_dir: Path, out: Path, returns: Path) -> None:
@@ -60,11 +61,13 @@ def ranking_on_rank(data_dir: Path, out: Path, returns: Path) -> None:
     (returns / f"return{rank()}.json").write_text(json.dumps(sorted(report)))
 
 
-def test_two_ranks_take_the_steps_of_one_rank_with_the_same_global_batch(data_dir, tmp_path):
-    spawn(2, train_on_rank, data_dir, TRAIN, tmp_path)
+# sparse tables: DDP all-reduces their sparse gradients (gloo) and each rank's SparseAdam steps alike
+@pytest.mark.parametrize("model_config", [None, {"sparse_tables": True}], ids=["dense", "sparse_tables"])
+def test_two_ranks_take_the_steps_of_one_rank_with_the_same_global_batch(data_dir, tmp_path, model_config):
+    spawn(2, train_on_rank, data_dir, TRAIN, tmp_path, model_config)
     rank0 = torch.load(tmp_path / "weights0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "weights1.pt", weights_only=True)
-    single = trained_weights(data_dir, TRAIN)
+    single = trained_weights(data_dir, TRAIN, model_config)
     assert rank0.keys() == rank1.keys() == single.keys()
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name  # DDP: both ranks hold the same parameters

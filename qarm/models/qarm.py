@@ -85,8 +85,9 @@ class QARMConfig:
     """Sparse gradients (SparseAdam, :mod:`qarm.optim`) for the embedding tables. None: the user and item ID
     tables with more than ``qarm.optim.SPARSE_ROWS`` rows (a million-item catalogue; every catalogue
     published in RESULTS.md is smaller and trains with dense Adam), the VQ code table dense: each item
-    reads 25 of its rows, so a batch touches most of it and SparseAdam's per-row work costs more than dense
-    Adam (1M items, measured: all three sparse 0.89x of dense, the ID tables alone sparse faster; RESULTS.md).
+    reads 25 of its rows, so a batch reads ~19% of a 1M-row table and SparseAdam's sparse passes cost more
+    than one fused dense pass (1M items, measured side by side: all three sparse 0.83-1.10x of dense, the
+    ID tables alone sparse 1.17-1.51x; RESULTS.md).
     True: all three sparse; False: none. Sparse tables need ``weight_decay`` 0 and no ``grad_clip``."""
 
     def __post_init__(self) -> None:

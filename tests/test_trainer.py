@@ -278,6 +278,24 @@ def test_train_ranking_calibrates_on_valid_and_keeps_the_ranking(data, tables, t
                                                                            abs=1e-9)
     with pytest.raises(ConfigError, match="calibration"):
         RankingConfig(calibration="isotonic")
+
+
+def test_a_calibration_that_cannot_be_fitted_keeps_the_raw_predictions_and_flags_the_run(data, tables, tmp_path,
+                                                                                        monkeypatch):
+    import qarm.train.stage as stage
+
+    def refuse(*args, **kwargs):
+        raise ConfigError("fit_calibration: task 0's fitted scale is -0.5 <= 0")
+
+    source, _ = data
+    monkeypatch.setattr(stage, "calibrate", refuse)
+    config = RankingConfig(model="qarm", history_length=20, train=TrainConfig(max_steps=3, batch_size=256),
+                           calibration="temperature")
+    report = train_ranking(None, tmp_path, config, source=source, tables=tables)
+    assert "scale" not in report["calibration"] and "-0.5 <= 0" in report["calibration"]["skipped"]
+    assert any(flag.startswith("calibration not applied") for flag in report["flags"])
+    for task in ("click", "convert"):
+        assert report["metrics"][task]["overall"]["logloss"] == report["calibration"]["uncalibrated"][task]["logloss"]
     with pytest.raises(ConfigError, match="fitted on the valid split"):
         RankingConfig(calibration="platt", eval_split="valid")
 

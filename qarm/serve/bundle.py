@@ -247,7 +247,7 @@ def export_bundle(run_dir: str | Path, models_dir: str | Path, *, row: str | Non
 def _calibration(report: dict[str, Any], tasks: list[str]) -> dict[str, Any] | None:
     """The run's fitted calibration (method, per-task scale and bias), checked against its tasks; or None."""
     fitted = report.get("calibration")
-    if not fitted:
+    if not fitted or fitted.get("skipped"):
         return None
     if fitted.get("tasks") != tasks or len(fitted["scale"]) != len(tasks) or len(fitted["bias"]) != len(tasks):
         raise DataError(f"the run's calibration covers tasks {fitted.get('tasks')}, the model predicts {tasks}")

@@ -111,6 +111,9 @@ def run_flags(report: dict[str, Any]) -> list[str]:
     0.5 at every validation (the model learnt the labels backwards: a leaky split or sampler), and a task
     whose overall log loss on the evaluated split is worse than always predicting its base rate."""
     flags = []
+    skipped = (report.get("calibration") or {}).get("skipped")
+    if skipped:
+        flags.append(f"calibration not applied (the predictions are the raw ones): {skipped}")
     evals = report.get("history", {}).get("evals") or []
     for task, segments in report["metrics"].items():
         values = [e["valid"][task]["gauc"] for e in evals if task in e.get("valid", {})]
@@ -187,13 +190,18 @@ def train_ranking(dataset_dir: str | Path | None, out_dir: str | Path, config: R
         raw = predict(result.model, source, config.eval_split, batch_size=config.train.eval_batch_size,
                       precision=config.train.precision)
         raw_metrics = evaluate_predictions(raw, list(source.tasks), n_longtail_groups=n_groups)
-        calibrated = calibrate(result.model, source, "valid", config.calibration,
-                               batch_size=config.train.eval_batch_size)
-        scored = calibrated
-        calibration = {"method": calibrated.method, "fitted_on": "valid", "scale": calibrated.scale.tolist(),
-                       "bias": calibrated.bias.tolist(), "tasks": list(source.tasks),
-                       "uncalibrated": {t: {k: raw_metrics[t][OVERALL][k] for k in ("gauc", "logloss")}
-                                        for t in source.tasks}}
+        uncalibrated = {t: {k: raw_metrics[t][OVERALL][k] for k in ("gauc", "logloss")} for t in source.tasks}
+        try:
+            calibrated = calibrate(result.model, source, "valid", config.calibration,
+                                   batch_size=config.train.eval_batch_size)
+        except ConfigError as exc:  # e.g. logits that rank valid rows worse than chance: keep the raw outputs
+            calibration = {"method": config.calibration, "fitted_on": "valid", "skipped": str(exc),
+                           "uncalibrated": uncalibrated}
+        else:
+            scored = calibrated
+            calibration = {"method": calibrated.method, "fitted_on": "valid", "scale": calibrated.scale.tolist(),
+                           "bias": calibrated.bias.tolist(), "tasks": list(source.tasks),
+                           "uncalibrated": uncalibrated}
     frame = predict(scored, source, config.eval_split, batch_size=config.train.eval_batch_size,
                     precision=config.train.precision)
     metrics = evaluate_predictions(frame, list(source.tasks), n_longtail_groups=n_groups)

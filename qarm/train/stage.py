@@ -24,7 +24,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from torch import nn
 
 from qarm import __version__, provenance
 from qarm.config import from_dict, to_dict
@@ -38,7 +37,7 @@ from qarm.features.tables import ItemTables
 from qarm.models import build_model, describe_model, model_config
 from qarm.quantize._common import check_option
 from qarm.train.calibration import METHODS, calibrate
-from qarm.train.trainer import BEST_FILE, TrainConfig, device_of, predict, train
+from qarm.train.trainer import BEST_FILE, TrainConfig, device_of, predict_logits, predictions_frame, train
 
 REPORT_FILE = "report.json"
 PREDICTIONS_FILE = "predictions.parquet"
@@ -184,12 +183,13 @@ def train_ranking(dataset_dir: str | Path | None, out_dir: str | Path, config: R
     start = time.perf_counter()
     groups = (source.meta.prepared.get("split") or {}).get("longtail_groups") or []
     n_groups = len(groups) or int(source.item_longtail.max(initial=0))
-    scored: nn.Module = result.model
+    rows = source.rows(config.eval_split)
+    logits = predict_logits(result.model, source, rows, batch_size=config.train.eval_batch_size,
+                            precision=config.train.precision)  # one forward pass, calibrated or not
     calibration: dict[str, Any] | None = None
     if config.calibration != "none":
-        raw = predict(result.model, source, config.eval_split, batch_size=config.train.eval_batch_size,
-                      precision=config.train.precision)
-        raw_metrics = evaluate_predictions(raw, list(source.tasks), n_longtail_groups=n_groups)
+        raw_metrics = evaluate_predictions(predictions_frame(source, rows, logits), list(source.tasks),
+                                           n_longtail_groups=n_groups)
         uncalibrated = {t: {k: raw_metrics[t][OVERALL][k] for k in ("gauc", "logloss")} for t in source.tasks}
         try:
             calibrated = calibrate(result.model, source, "valid", config.calibration,
@@ -198,12 +198,11 @@ def train_ranking(dataset_dir: str | Path | None, out_dir: str | Path, config: R
             calibration = {"method": config.calibration, "fitted_on": "valid", "skipped": str(exc),
                            "uncalibrated": uncalibrated}
         else:
-            scored = calibrated
+            logits = logits * calibrated.scale + calibrated.bias  # what the Calibrated module's forward computes
             calibration = {"method": calibrated.method, "fitted_on": "valid", "scale": calibrated.scale.tolist(),
                            "bias": calibrated.bias.tolist(), "tasks": list(source.tasks),
                            "uncalibrated": uncalibrated}
-    frame = predict(scored, source, config.eval_split, batch_size=config.train.eval_batch_size,
-                    precision=config.train.precision)
+    frame = predictions_frame(source, rows, logits)
     metrics = evaluate_predictions(frame, list(source.tasks), n_longtail_groups=n_groups)
     out_dir.mkdir(parents=True, exist_ok=True)
     run_id = provenance.new_run_id()

@@ -203,7 +203,12 @@ def predict(model: nn.Module, source: ExampleSource, split: str, *, batch_size: 
     longtail_group, score_<task>...`` (probabilities, float64) and ``row`` (the interaction row).
     """
     rows = source.rows(split) if rows is None else np.asarray(rows, dtype=np.int64)
-    logits = predict_logits(model, source, rows, batch_size=batch_size, precision=precision)
+    return predictions_frame(source, rows, predict_logits(model, source, rows, batch_size=batch_size,
+                                                          precision=precision))
+
+
+def predictions_frame(source: ExampleSource, rows: np.ndarray, logits: torch.Tensor) -> pd.DataFrame:
+    """:func:`predict`'s frame for the examples ``rows`` from their logits ``(len(rows), T)``."""
     scores = torch.sigmoid(logits).double().numpy()
     frame = source.frame(rows)
     for j, task in enumerate(source.tasks):

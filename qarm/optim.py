@@ -79,7 +79,7 @@ class SparseAndDenseAdam:
                 raise ConfigError("the optimiser state does not match the model's sparse and dense parameters "
                                   "(written with another sparse_tables setting?)")
             part.load_state_dict({
-                "state": {int(pid) - offset: _python_step(v) if part is self.parts[1] else v
+                "state": {int(pid) - offset: _python_step(v) if isinstance(part, torch.optim.SparseAdam) else v
                           for pid, v in state.items() if offset <= int(pid) < offset + n_params},
                 "param_groups": [{**g, "params": [int(p) - offset for p in g["params"]]} for g in own],
             })

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import fields, replace
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -189,14 +188,14 @@ def test_linear_with_blocks_equals_the_dense_layer_on_the_assembled_input(start,
     values = torch.randn(5, width, dtype=torch.float64, requires_grad=True)
     blocks = SparseBlocks(start=start, width=width, n_blocks=n_blocks, row=row, block=block, values=values)
     upstream = torch.randn(n_rows, 4, dtype=torch.float64)
-    (linear_with_blocks(layer, dense, blocks) * upstream).sum().backward()
+    (linear_with_blocks(layer.weight, layer.bias, dense, blocks) * upstream).sum().backward()
     got = [layer.weight.grad.clone(), dense.grad.clone(), values.grad.clone()]
     got += [layer.bias.grad.clone()] if bias else []
     for t in [layer.weight, dense, values] + ([layer.bias] if bias else []):
         t.grad = None
     full = torch.cat([dense[:, :start], blocks.to_dense(n_rows), dense[:, start:]], dim=1)
     assert full[1, start:start + n_blocks * width].abs().sum() == 0  # row 1 has no entry
-    torch.testing.assert_close(linear_with_blocks(layer, dense, blocks), layer(full))
+    torch.testing.assert_close(linear_with_blocks(layer.weight, layer.bias, dense, blocks), layer(full))
     (layer(full) * upstream).sum().backward()
     want = [layer.weight.grad, dense.grad, values.grad] + ([layer.bias.grad] if bias else [])
     for g, w in zip(got, want):
@@ -212,9 +211,7 @@ def test_linear_with_blocks_gradcheck():
     row, block = torch.tensor([1, 1, 3]), torch.tensor([0, 1, 1])
 
     def f(w: torch.Tensor, b: torch.Tensor, d: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        layer = SimpleNamespace(weight=w, bias=b)  # what linear_with_blocks reads of an nn.Linear
-        return linear_with_blocks(layer, d,  # type: ignore[arg-type]
-                                   SparseBlocks(start=2, width=2, n_blocks=2, row=row, block=block, values=v))
+        return linear_with_blocks(w, b, d, SparseBlocks(start=2, width=2, n_blocks=2, row=row, block=block, values=v))
 
     assert torch.autograd.gradcheck(f, (weight, bias, dense, values))
 

@@ -273,9 +273,14 @@ def test_train_ranking_calibrates_on_valid_and_keeps_the_ranking(data, tables, t
     probabilities = expected.probabilities(predict_logits(model, source, test))
     frame = pd.read_parquet(tmp_path / "predictions.parquet")
     np.testing.assert_allclose(frame[["score_click", "score_convert"]].to_numpy(), probabilities, atol=1e-5)
-    for task in ("click", "convert"):
+    raw = predict_logits(model, source, test)
+    for t, task in enumerate(("click", "convert")):
+        # The ranking is kept: the calibrated scores are a non-decreasing function of the raw logits ...
+        calibrated_scores = frame[f"score_{task}"].to_numpy()[np.argsort(raw[:, t], kind="stable")]
+        assert (np.diff(calibrated_scores) >= 0).all()
+        # ... so GAUC moves only where float32 rounding of the map makes two close logits equal.
         assert report["metrics"][task]["overall"]["gauc"] == pytest.approx(fitted["uncalibrated"][task]["gauc"],
-                                                                           abs=1e-9)
+                                                                           abs=2e-3)
     with pytest.raises(ConfigError, match="calibration"):
         RankingConfig(calibration="isotonic")
 

@@ -21,7 +21,8 @@ Shapes (B examples, n history slots, L RQ levels, m = match_length, T tasks)::
     interest              DIN(target, history)                                          (B, D_item)
     code matching         DIN(target, latest m of history with target's l-prefix)       (B, L, D_item)
                           (held as its non-empty (example, level) cells: SparseBlocks)
-    (with ``sequence_dim = d``: history, interest and code matching on ``W e(i)``, width d instead of D_item)
+    (with ``sequence_dim = d``: history, interest and code matching on ``W e(i)``, width d instead of D_item;
+     with ``project_target`` too, the target's column in the input is ``W e(target)``, width d)
     input                 [target | interest | code matching (flat) | user id | user side | category]
     logits                MMoE(input)                                                   (B, T)
 """
@@ -49,7 +50,7 @@ from qarm.models.layers import (
     RQEmbedding,
     TargetAttention,
     VQEmbedding,
-    embed_unique,
+    distinct,
     embedding_table,
     gather_rows,
     pack,
@@ -77,7 +78,11 @@ class QARMConfig:
     """Width of the items in the history attention and the code-matching sequences. None: the full item
     representation (``D_item``, the paper's layout). An int ``d`` projects every item once to ``d`` (one
     learned linear map, per distinct item of the batch) for the sequences only: the attentions and the
-    head's input shrink, the target keeps its full representation."""
+    head's input shrink, the target keeps its full representation (unless ``project_target``)."""
+    project_target: bool = False
+    """With ``sequence_dim``: the target enters the head as its sequence projection ``W e(t)`` (``d`` wide)
+    instead of its full representation (``D_item``), so the head's dense input is as wide as ID-only's
+    (the head's first layer on the full target is a linear map of it; this makes that map rank ``d``)."""
     side_dim: int = 8  # each user side feature and the category
     attention_hidden: tuple[int, ...] = (64, 32)  # DIN's activation unit, shared size for all attentions
     head: MMoEConfig = field(default_factory=MMoEConfig)
@@ -97,6 +102,10 @@ class QARMConfig:
         for name in ("id_dim", "vector_dim", "code_dim", "match_length", "side_dim"):
             check_int("QARMConfig", name, getattr(self, name), 1)
         check_int("QARMConfig", "sequence_dim", self.sequence_dim, 1, none_ok=True)
+        check_bool("QARMConfig", "project_target", self.project_target)
+        if self.project_target and self.sequence_dim is None:
+            raise ConfigError("QARMConfig: project_target=True needs sequence_dim (the projection's width); "
+                              "got sequence_dim=None")
         check_int("QARMConfig", "vq_k", self.vq_k, 1, none_ok=True)
         for name in ("use_vq", "use_rq", "use_code_matching"):
             check_bool("QARMConfig", name, getattr(self, name))
@@ -144,7 +153,7 @@ class QARMRanker(nn.Module):
         self.category = embedding_table(spec.n_categories, c.side_dim) if spec.n_categories else None
         # Head.
         n_sequences = 1 + (tables.rq_levels if self.code_matching is not None else 0)  # interest, L levels
-        in_dim = item_dim + n_sequences * seq_dim + c.id_dim \
+        in_dim = (seq_dim if c.project_target else item_dim) + n_sequences * seq_dim + c.id_dim \
             + (self.user_side.out_features if self.user_side is not None else 0) \
             + (c.side_dim if self.category is not None else 0)
         self.head = MMoE(in_dim, len(spec.tasks), c.head)
@@ -157,23 +166,20 @@ class QARMRanker(nn.Module):
                 parts.append(part(items))
         return torch.cat(parts, dim=-1)
 
-    def embed_for_sequences(self, items: torch.Tensor) -> torch.Tensor:
-        """``[e(i) | W e(i)]``: the representation and its sequence projection, (N, D_item + d)."""
-        full = self.embed_items(items)
-        assert self.sequence_project is not None
-        return torch.cat([full, self.sequence_project(full)], dim=-1)
-
     def forward(self, batch: RankingBatch) -> torch.Tensor:
         mask = batch.history_mask  # (B, n)
         row = pack(mask)  # only filled history slots are computed: (P,) rows
         items = batch.history[mask]  # (P,) packed history items, row by row, most recent first
+        # Each distinct item of the batch is embedded (and projected) once, then gathered per use.
+        unique, (target_at, history_at) = distinct(batch.item, items)
+        full = self.embed_items(unique)  # (U, D)
         if self.sequence_project is None:
-            target, history = embed_unique(self.embed_items, batch.item, items)  # (B, D), (P, D)
-            query = target
-        else:  # the projection runs once per distinct item, like the rest of the representation
-            both, history_both = embed_unique(self.embed_for_sequences, batch.item, items)
-            width = both.shape[1] - self.sequence_project.out_features
-            target, query, history = both[:, :width], both[:, width:], history_both[:, width:]  # (B, D), (B, d), (P, d)
+            target = query = gather_rows(full, target_at)  # (B, D)
+            history = gather_rows(full, history_at)  # (P, D)
+        else:
+            projected = self.sequence_project(full)  # (U, d)
+            query, history = gather_rows(projected, target_at), gather_rows(projected, history_at)  # (B, d), (P, d)
+            target = query if self.config.project_target else gather_rows(full, target_at)  # (B, d) or (B, D)
         parts = [target, self.interest(query, history, row)]
         matched = None  # the code-matching sequences: the head's input columns after these parts
         if self.code_matching is not None:

@@ -167,6 +167,31 @@ def test_runs_on_other_codes_are_retrained_not_read_back(folders, tmp_path):
     assert json.dumps(third["variants"][QARM_ROW]["per_seed"]) == json.dumps(first["variants"][QARM_ROW]["per_seed"])
 
 
+def test_a_run_of_a_model_whose_defaults_changed_is_retrained(folders, tmp_path):
+    """Runs are keyed by the settings that differ from the defaults: a finished run whose model was built
+    with another default must be trained again, not read back as today's model; a setting its report does
+    not list (added to the model later) counts as its default."""
+    config = AblationConfig(studies=("table1",), rows=(QARM_ROW,), seeds=(0,), history_length=10,
+                            train=TrainConfig(max_steps=2, batch_size=256))
+    kwargs = {"quantize_dir": folders / "quantize", "align_dir": folders / "align"}
+    result = run_ablation(folders / "data", tmp_path, config, **kwargs)
+    path = tmp_path / "runs" / result["variants"][QARM_ROW]["run_key"] / "seed0" / "report.json"
+
+    def rerun_with(edit) -> list[str]:
+        report = json.loads(path.read_text())
+        edit(report["model"]["config"])
+        path.write_text(json.dumps(report))
+        lines: list[str] = []
+        run_ablation(folders / "data", tmp_path, config, log=lines.append, **kwargs)
+        return lines
+
+    lines = rerun_with(lambda built: built.pop("project_target"))  # a report from before the setting existed
+    assert any("1 runs already finished" in line for line in lines)
+    lines = rerun_with(lambda built: built.update(match_length=7))  # made when the default was 7
+    assert not any("already finished" in line for line in lines)
+    assert json.loads(path.read_text())["model"]["config"]["match_length"] == 10
+
+
 def load_vectors(folders):
     from safetensors.numpy import load_file
 

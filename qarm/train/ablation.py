@@ -360,9 +360,22 @@ def _finished(run_dir: Path, config: RankingConfig, inputs: dict[str, Any]) -> d
     if not path.exists():
         return None
     report = json.loads(path.read_text(encoding="utf-8"))
-    same = _plain(report.get("config")) == _plain(to_dict(config)) and \
+    same = _plain(report.get("config")) == _plain(to_dict(config)) and _same_model(report, config) and \
         report.get("data") == inputs["data"] and (report.get("tables") or {}).get("digest") == inputs["tables"]
     return report if same else None
+
+
+def _same_model(report: dict[str, Any], config: RankingConfig) -> bool:
+    """Whether the report's model was built with the settings ``config`` resolves to now. A run's config
+    lists only what differs from the defaults, so a changed default would otherwise read back runs of the
+    old model; a setting the report does not list (added to the model later) counts as its default."""
+    from qarm.models import model_config
+
+    built = (report.get("model") or {}).get("config")
+    if built is None:
+        return True  # reports without the resolved settings: the run's config alone decides
+    wanted = _plain(to_dict(model_config(config.model, config.model_config)))
+    return all(_plain(built.get(key, value)) == value for key, value in wanted.items())
 
 
 def _run_line(job_id: tuple[str, int], report: dict[str, Any]) -> str:

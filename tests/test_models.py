@@ -253,11 +253,13 @@ def test_vq_embedding_takes_the_first_k_codes_and_skips_missing_ones():
         VQEmbedding(codes, 4, 5, k=4)
 
 
-def test_bag_sum_forward_and_gradient_equal_a_gather_and_sum():
+@pytest.mark.parametrize("rows", [30, 32_768, 40_000])  # the backward sorts int16 keys up to 32,768 rows, int32 past
+def test_bag_sum_forward_and_gradient_equal_a_gather_and_sum(rows):
     """The transposed-bag backward against autograd through a plain gather (duplicates, zero weights)."""
     g = torch.Generator().manual_seed(0)
-    weight = torch.randn(30, 6, generator=g, requires_grad=True)
+    weight = torch.randn(rows, 6, generator=g, requires_grad=True)
     index = torch.randint(0, 30, (40, 5), generator=g)
+    index[:, 0] = (rows - 1 - torch.arange(40)) % rows  # the table's last rows too
     index[3] = 7  # one row reads the same code five times
     psw = torch.rand(40, 5, generator=g)
     psw[5, 2:] = 0.0
@@ -276,8 +278,9 @@ def test_bag_sum_forward_and_gradient_equal_a_gather_and_sum():
     assert weight.grad.is_sparse
     assert set(weight.grad.coalesce().indices()[0].tolist()) == set(index.reshape(-1).tolist())
     torch.testing.assert_close(weight.grad.to_dense(), expected)
-    assert torch.autograd.gradcheck(lambda w: bag_sum(w, index[:6], psw[:6].double()),
-                                    (weight.detach()[:, :2].double().requires_grad_(),))
+    if rows <= 30:
+        assert torch.autograd.gradcheck(lambda w: bag_sum(w, index[:6], psw[:6].double()),
+                                        (weight.detach()[:, :2].double().requires_grad_(),))
 
 
 def test_tables_are_sparse_above_the_size_rule_or_when_asked():

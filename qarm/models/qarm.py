@@ -83,6 +83,10 @@ class QARMConfig:
     """With ``sequence_dim``: the target enters the head as its sequence projection ``W e(t)`` (``d`` wide)
     instead of its full representation (``D_item``), so the head's dense input is as wide as ID-only's
     (the head's first layer on the full target is a linear map of it; this makes that map rank ``d``)."""
+    target_dim: int | None = None
+    """Width of the target's column in the head's input. None: the full representation ``e(t)``
+    (``D_item``). An int ``t``: a learned projection ``W_t e(t)`` of its own (not the sequences'), so the
+    head's dense input shrinks; the head's first layer on ``e(t)`` becomes rank ``t``."""
     side_dim: int = 8  # each user side feature and the category
     attention_hidden: tuple[int, ...] = (64, 32)  # DIN's activation unit, shared size for all attentions
     head: MMoEConfig = field(default_factory=MMoEConfig)
@@ -106,6 +110,10 @@ class QARMConfig:
         if self.project_target and self.sequence_dim is None:
             raise ConfigError("QARMConfig: project_target=True needs sequence_dim (the projection's width); "
                               "got sequence_dim=None")
+        check_int("QARMConfig", "target_dim", self.target_dim, 1, none_ok=True)
+        if self.project_target and self.target_dim is not None:
+            raise ConfigError("QARMConfig: project_target=True and target_dim are two ways of narrowing the target; "
+                              f"set one (got target_dim={self.target_dim})")
         check_int("QARMConfig", "vq_k", self.vq_k, 1, none_ok=True)
         for name in ("use_vq", "use_rq", "use_code_matching"):
             check_bool("QARMConfig", name, getattr(self, name))
@@ -141,6 +149,7 @@ class QARMRanker(nn.Module):
             + (c.code_dim if self.vq is not None else 0) + (c.code_dim if self.rq is not None else 0)
         # User side: the history against the target, the code-matching sequences, ID and side features.
         self.sequence_project = nn.Linear(item_dim, c.sequence_dim) if c.sequence_dim is not None else None
+        self.target_project = nn.Linear(item_dim, c.target_dim) if c.target_dim is not None else None
         seq_dim = c.sequence_dim if c.sequence_dim is not None else item_dim
         self.interest = TargetAttention(seq_dim, c.attention_hidden)
         self.code_matching = None
@@ -153,7 +162,8 @@ class QARMRanker(nn.Module):
         self.category = embedding_table(spec.n_categories, c.side_dim) if spec.n_categories else None
         # Head.
         n_sequences = 1 + (tables.rq_levels if self.code_matching is not None else 0)  # interest, L levels
-        in_dim = (seq_dim if c.project_target else item_dim) + n_sequences * seq_dim + c.id_dim \
+        target_width = seq_dim if c.project_target else c.target_dim if c.target_dim is not None else item_dim
+        in_dim = target_width + n_sequences * seq_dim + c.id_dim \
             + (self.user_side.out_features if self.user_side is not None else 0) \
             + (c.side_dim if self.category is not None else 0)
         self.head = MMoE(in_dim, len(spec.tasks), c.head)
@@ -174,12 +184,16 @@ class QARMRanker(nn.Module):
         unique, (target_at, history_at) = distinct(batch.item, items)
         full = self.embed_items(unique)  # (U, D)
         if self.sequence_project is None:
-            target = query = gather_rows(full, target_at)  # (B, D)
-            history = gather_rows(full, history_at)  # (P, D)
+            query, history = gather_rows(full, target_at), gather_rows(full, history_at)  # (B, D), (P, D)
         else:
             projected = self.sequence_project(full)  # (U, d)
             query, history = gather_rows(projected, target_at), gather_rows(projected, history_at)  # (B, d), (P, d)
-            target = query if self.config.project_target else gather_rows(full, target_at)  # (B, d) or (B, D)
+        if self.config.project_target:  # the target's column in the head: (B, d), (B, t) or (B, D)
+            target = query
+        elif self.target_project is not None:
+            target = self.target_project(gather_rows(full, target_at))
+        else:
+            target = query if self.sequence_project is None else gather_rows(full, target_at)
         parts = [target, self.interest(query, history, row)]
         matched = None  # the code-matching sequences: the head's input columns after these parts
         if self.code_matching is not None:

@@ -185,7 +185,7 @@ def test_a_run_of_a_model_whose_defaults_changed_is_retrained(folders, tmp_path)
         run_ablation(folders / "data", tmp_path, config, log=lines.append, **kwargs)
         return lines
 
-    lines = rerun_with(lambda built: built.pop("project_target"))  # a report from before the setting existed
+    lines = rerun_with(lambda built: built.pop("target_dim"))  # a report from before the setting existed
     assert any("1 runs already finished" in line for line in lines)
     lines = rerun_with(lambda built: built.update(match_length=7))  # made when the default was 7
     assert not any("already finished" in line for line in lines)

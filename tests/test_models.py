@@ -328,7 +328,6 @@ VARIANTS = [
     ("qarm", {"vector": "pretrained", "use_vq": True, "use_rq": False, "use_code_matching": False, "vq_k": 3}),
     ("qarm", {"vector": "none", "use_vq": False, "use_rq": True, "use_code_matching": True, "code_dim": 8}),
     ("qarm", {"sequence_dim": 8}),
-    ("qarm", {"sequence_dim": 8, "project_target": True}),
     ("qarm", {"sequence_dim": 8, "target_dim": 6}),
     ("qarm", {"target_dim": 6}),
 ]
@@ -398,11 +397,10 @@ def test_qarm_needs_the_tables_its_switches_use(source):
 
 
 @pytest.mark.parametrize("config, width", [({}, "item"), ({"sequence_dim": 8}, "item"),
-                                           ({"sequence_dim": 8, "project_target": True}, 8),
                                            ({"sequence_dim": 8, "target_dim": 6}, 6), ({"target_dim": 6}, 6)])
 def test_the_targets_column_in_the_head(source, tables, config, width):
-    """The head's input starts with the target: ``e(t)``, its sequence projection (``project_target``) or
-    its own projection (``target_dim``); the next columns are the interest, as wide as the sequences."""
+    """The head's input starts with the target: ``e(t)`` or its projection (``target_dim``); the next
+    columns are the interest, as wide as the sequences."""
     model = build_model("qarm", source.spec, tables, config)
     model.eval()
     batch = source.batch(source.order("train", shuffle=True)[:64])
@@ -411,8 +409,7 @@ def test_the_targets_column_in_the_head(source, tables, config, width):
     with torch.no_grad():
         model(batch)
         full = model.embed_items(batch.item)
-        expected = {"item": full, 8: model.sequence_project(full) if model.sequence_project is not None else None,
-                    6: model.target_project(full) if model.target_project is not None else None}[width]
+        expected = full if width == "item" else model.target_project(full)
     head_input = seen["x"]
     torch.testing.assert_close(head_input[:, :expected.shape[1]], expected)
     item_dim = full.shape[1]
@@ -425,11 +422,7 @@ def test_the_targets_column_in_the_head(source, tables, config, width):
     assert model.head.expert_in.in_features == head_input.shape[1] + tables.rq_levels * sequence_width
 
 
-def test_narrowing_the_target_is_checked():
-    with pytest.raises(ConfigError, match="project_target=True needs sequence_dim"):
-        QARMConfig(project_target=True)
-    with pytest.raises(ConfigError, match="two ways of narrowing the target"):
-        QARMConfig(sequence_dim=8, project_target=True, target_dim=4)
+def test_target_dim_is_checked():
     with pytest.raises(ConfigError, match="target_dim"):
         QARMConfig(target_dim=0)
 

@@ -22,7 +22,7 @@ Shapes (B examples, n history slots, L RQ levels, m = match_length, T tasks)::
     code matching         DIN(target, latest m of history with target's l-prefix)       (B, L, D_item)
                           (held as its non-empty (example, level) cells: SparseBlocks)
     (with ``sequence_dim = d``: history, interest and code matching on ``W e(i)``, width d instead of D_item;
-     with ``project_target`` too, the target's column in the input is ``W e(target)``, width d)
+     with ``target_dim = t``: the target's column in the input is ``W_t e(target)``, width t)
     input                 [target | interest | code matching (flat) | user id | user side | category]
     logits                MMoE(input)                                                   (B, T)
 """
@@ -78,11 +78,7 @@ class QARMConfig:
     """Width of the items in the history attention and the code-matching sequences. None: the full item
     representation (``D_item``, the paper's layout). An int ``d`` projects every item once to ``d`` (one
     learned linear map, per distinct item of the batch) for the sequences only: the attentions and the
-    head's input shrink, the target keeps its full representation (unless ``project_target``)."""
-    project_target: bool = False
-    """With ``sequence_dim``: the target enters the head as its sequence projection ``W e(t)`` (``d`` wide)
-    instead of its full representation (``D_item``), so the head's dense input is as wide as ID-only's
-    (the head's first layer on the full target is a linear map of it; this makes that map rank ``d``)."""
+    head's input shrink, the target keeps its full representation (unless ``target_dim``)."""
     target_dim: int | None = None
     """Width of the target's column in the head's input. None: the full representation ``e(t)``
     (``D_item``). An int ``t``: a learned projection ``W_t e(t)`` of its own (not the sequences'), so the
@@ -106,14 +102,7 @@ class QARMConfig:
         for name in ("id_dim", "vector_dim", "code_dim", "match_length", "side_dim"):
             check_int("QARMConfig", name, getattr(self, name), 1)
         check_int("QARMConfig", "sequence_dim", self.sequence_dim, 1, none_ok=True)
-        check_bool("QARMConfig", "project_target", self.project_target)
-        if self.project_target and self.sequence_dim is None:
-            raise ConfigError("QARMConfig: project_target=True needs sequence_dim (the projection's width); "
-                              "got sequence_dim=None")
         check_int("QARMConfig", "target_dim", self.target_dim, 1, none_ok=True)
-        if self.project_target and self.target_dim is not None:
-            raise ConfigError("QARMConfig: project_target=True and target_dim are two ways of narrowing the target; "
-                              f"set one (got target_dim={self.target_dim})")
         check_int("QARMConfig", "vq_k", self.vq_k, 1, none_ok=True)
         for name in ("use_vq", "use_rq", "use_code_matching"):
             check_bool("QARMConfig", name, getattr(self, name))
@@ -162,7 +151,7 @@ class QARMRanker(nn.Module):
         self.category = embedding_table(spec.n_categories, c.side_dim) if spec.n_categories else None
         # Head.
         n_sequences = 1 + (tables.rq_levels if self.code_matching is not None else 0)  # interest, L levels
-        target_width = seq_dim if c.project_target else c.target_dim if c.target_dim is not None else item_dim
+        target_width = c.target_dim if c.target_dim is not None else item_dim
         in_dim = target_width + n_sequences * seq_dim + c.id_dim \
             + (self.user_side.out_features if self.user_side is not None else 0) \
             + (c.side_dim if self.category is not None else 0)
@@ -188,9 +177,7 @@ class QARMRanker(nn.Module):
         else:
             projected = self.sequence_project(full)  # (U, d)
             query, history = gather_rows(projected, target_at), gather_rows(projected, history_at)  # (B, d), (P, d)
-        if self.config.project_target:  # the target's column in the head: (B, d), (B, t) or (B, D)
-            target = query
-        elif self.target_project is not None:
+        if self.target_project is not None:  # the target's column in the head: (B, t) or (B, D)
             target = self.target_project(gather_rows(full, target_at))
         else:
             target = query if self.sequence_project is None else gather_rows(full, target_at)

@@ -5,4 +5,4 @@ Stages, one sub-package each, in the order the data flows:
 -> ``evaluate`` -> ``serve``. The CLI (:mod:`qarm.cli`) and the pipeline (:mod:`qarm.pipeline`) sit on top.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

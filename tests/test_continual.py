@@ -184,7 +184,8 @@ def test_replay_scores_each_day_with_yesterdays_model_and_resumes(last, tmp_path
     # Day 1 is scored by the same initial model under every strategy; afterwards they differ.
     g = {s: d[0]["gauc"]["click"] for s, d in days.items()}
     assert g["frozen"] == g["incremental"] == g["retrain"]
-    assert days["frozen"][2]["gauc"]["click"] != days["incremental"][2]["gauc"]["click"]
+    # (a later day's GAUC on this tiny log, a few rows per user, can tie by chance: any later day will do)
+    assert any(days["frozen"][i]["gauc"] != days["incremental"][i]["gauc"] for i in (1, 2))
     assert all(e["seconds"] < 0.05 for e in days["frozen"])
     assert strategies["retrain"]["update_seconds"] > strategies["incremental"]["update_seconds"]
     assert sum(d["new_items"] for d in result["days"]) > 0

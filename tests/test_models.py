@@ -327,6 +327,7 @@ VARIANTS = [
     ("qarm", {"vector": "none", "use_vq": False, "use_rq": False, "use_code_matching": False}),
     ("qarm", {"vector": "pretrained", "use_vq": True, "use_rq": False, "use_code_matching": False, "vq_k": 3}),
     ("qarm", {"vector": "none", "use_vq": False, "use_rq": True, "use_code_matching": True, "code_dim": 8}),
+    ("qarm", {"sequence_dim": None, "target_dim": None}),  # the paper's layout
     ("qarm", {"sequence_dim": 8}),
     ("qarm", {"sequence_dim": 8, "target_dim": 6}),
     ("qarm", {"target_dim": 6}),
@@ -396,8 +397,10 @@ def test_qarm_needs_the_tables_its_switches_use(source):
     assert build_model("id_only", source.spec, bare) is not None
 
 
-@pytest.mark.parametrize("config, width", [({}, "item"), ({"sequence_dim": 8}, "item"),
-                                           ({"sequence_dim": 8, "target_dim": 6}, 6), ({"target_dim": 6}, 6)])
+@pytest.mark.parametrize("config, width", [({"sequence_dim": None, "target_dim": None}, "item"),  # the paper's
+                                           ({"sequence_dim": 8, "target_dim": None}, "item"), ({}, 32),
+                                           ({"sequence_dim": 8, "target_dim": 6}, 6),
+                                           ({"sequence_dim": None, "target_dim": 6}, 6)])
 def test_the_targets_column_in_the_head(source, tables, config, width):
     """The head's input starts with the target: ``e(t)`` or its projection (``target_dim``); the next
     columns are the interest, as wide as the sequences."""
@@ -414,7 +417,7 @@ def test_the_targets_column_in_the_head(source, tables, config, width):
     torch.testing.assert_close(head_input[:, :expected.shape[1]], expected)
     item_dim = full.shape[1]
     assert expected.shape[1] == (item_dim if width == "item" else width)
-    sequence_width = config.get("sequence_dim", item_dim)
+    sequence_width = model.config.sequence_dim or item_dim
     # the dense columns (target, interest, user) and the L code-matching blocks, each as wide as a sequence item
     user = model.config.id_dim + (model.user_side.out_features if model.user_side is not None else 0) \
         + (model.config.side_dim if model.category is not None else 0)
@@ -435,3 +438,15 @@ def test_vq_k_cannot_exceed_the_stored_codes(source, tables):
 def test_item_tables_are_not_in_the_state_dict(source, tables):
     state = build_model("qarm", source.spec, tables).state_dict()
     assert not any(k.endswith((".codes", ".index", ".vectors", "rq_codes", "flat_codes")) for k in state)
+
+
+def test_recorded_model_config_fills_the_defaults_of_the_writers_qarm():
+    from qarm.models import recorded_model_config
+
+    paper = {"sequence_dim": None, "target_dim": None}  # QARM's defaults before qarm 0.2.0
+    assert recorded_model_config("qarm", {}, "0.1.0") == paper
+    assert recorded_model_config("qarm", {}, None) == paper  # unknown writer: older than every change
+    assert recorded_model_config("qarm", {"sequence_dim": 16}, "0.1.0") == {"sequence_dim": 16, "target_dim": None}
+    assert recorded_model_config("qarm", {}, "0.2.0") == {} and recorded_model_config("qarm", {}, "0.10.1") == {}
+    assert recorded_model_config("id_only", {}, "0.1.0") == {}
+    assert model_config("qarm", recorded_model_config("qarm", {}, "0.1.0")).sequence_dim is None

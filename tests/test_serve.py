@@ -380,3 +380,24 @@ def test_the_service_runs_its_model_on_the_device_asked(models: Path, text_model
     assert np.isfinite(scorer.score(next(iter(scorer.user_index)), list(scorer.item_index)[:3])).all()
     with pytest.raises(ConfigError, match="--device must be one of cpu, cuda, auto; got 'gpu'"):
         create_app(models, models / "live.sqlite", reload_interval=0, text_model=text_model, device="gpu")
+
+
+def test_a_bundle_from_before_a_default_changed_is_read_with_the_old_default(run_dir: Path, tmp_path: Path):
+    """qarm 0.2.0 made QARM's 32-d sequences and target the default: a bundle written by 0.1.0 that does not name
+    them was the paper's layout, and is read so (its weights would not fit today's default)."""
+    import hashlib
+
+    from qarm.serve.bundle import MANIFEST_FILE
+
+    folder = tmp_path / "m"
+    export_bundle(run_dir, folder, version="v1")
+    bundle_dir = folder / "versions" / "v1"
+    assert load_bundle(bundle_dir).manifest["model_config"] == {}  # written by today's qarm: its defaults
+    manifest = json.loads((bundle_dir / MANIFEST_FILE).read_text())
+    manifest["qarm_version"] = "0.1.0"
+    data = json.dumps(manifest, indent=2).encode()
+    (bundle_dir / MANIFEST_FILE).write_bytes(data)
+    (bundle_dir / READY_FILE).write_text(hashlib.sha256(data).hexdigest())
+    old = load_bundle(bundle_dir)
+    assert old.manifest["model_config"] == {"sequence_dim": None, "target_dim": None}
+    assert old.manifest["ranking_config"]["model_config"] == {"sequence_dim": None, "target_dim": None}

@@ -352,14 +352,15 @@ def _drop_from_checkpoint_identity(folder, drop) -> None:
 
 
 def test_a_checkpoint_from_before_a_new_config_field_resumes_when_the_field_keeps_its_default(data, tables, tmp_path):
-    """A field a later qarm adds with a default (QARMConfig.sequence_dim, TrainConfig.precision) is the same
-    run at its default, and another run at any other value."""
+    """A field a later qarm adds with a default that keeps the old behaviour (QARMConfig.sparse_tables,
+    TrainConfig.precision) is the same run at its default, and another run at any other value; a field whose
+    default changed since (QARMConfig.sequence_dim, qarm 0.2.0) takes the value it had then."""
     source, _ = data
     config = TrainConfig(max_steps=2, batch_size=256)
     train(build_model("qarm", source.spec, tables), source, config, tmp_path, progress=False)
 
     def drop(identity) -> None:
-        del identity["model"]["config"]["sequence_dim"], identity["train"]["precision"]
+        del identity["model"]["config"]["sparse_tables"], identity["train"]["precision"]
         del identity["model"]["config"]["head"]["dropout"]  # nested configs too
 
     _drop_from_checkpoint_identity(tmp_path, drop)
@@ -369,5 +370,10 @@ def test_a_checkpoint_from_before_a_new_config_field_resumes_when_the_field_keep
     assert more.history.steps == 3 and said[0].startswith("resuming from step 2 of "), said
     _drop_from_checkpoint_identity(tmp_path, drop)
     with pytest.raises(CheckpointMismatch, match="different model"):
-        train(build_model("qarm", source.spec, tables, {"sequence_dim": 8}), source,
+        train(build_model("qarm", source.spec, tables, {"sparse_tables": True}), source,
               TrainConfig(max_steps=4, batch_size=256), tmp_path, progress=False)
+    # a checkpoint that does not name sequence_dim was written before its default became 32: None then
+    _drop_from_checkpoint_identity(tmp_path, lambda identity: identity["model"]["config"].pop("sequence_dim"))
+    with pytest.raises(CheckpointMismatch, match="different model"):
+        train(build_model("qarm", source.spec, tables), source, TrainConfig(max_steps=4, batch_size=256), tmp_path,
+              progress=False)

@@ -21,8 +21,9 @@ Shapes (B examples, n history slots, L RQ levels, m = match_length, T tasks)::
     interest              DIN(target, history)                                          (B, D_item)
     code matching         DIN(target, latest m of history with target's l-prefix)       (B, L, D_item)
                           (held as its non-empty (example, level) cells: SparseBlocks)
-    (with ``sequence_dim = d``: history, interest and code matching on ``W e(i)``, width d instead of D_item;
-     with ``target_dim = t``: the target's column in the input is ``W_t e(target)``, width t)
+    (with ``sequence_dim = d``, 32 by default: history, interest and code matching on ``W e(i)``, width d
+     instead of D_item; with ``target_dim = t``, 32 by default: the target's column in the input is
+     ``W_t e(target)``, width t; both None: the paper's layout, as drawn above)
     input                 [target | interest | code matching (flat) | user id | user side | category]
     logits                MMoE(input)                                                   (B, T)
 """
@@ -74,15 +75,17 @@ class QARMConfig:
     vq_k: int | None = None  # first k of the stored K codes (the nearest); None: all (the paper: 25)
     code_dim: int = 32  # embedding size of a VQ or RQ code (ablation: 16 / 32 / 64)
     match_length: int = 10  # items per code-matching sequence: the latest few per level suffice
-    sequence_dim: int | None = None
-    """Width of the items in the history attention and the code-matching sequences. None: the full item
-    representation (``D_item``, the paper's layout). An int ``d`` projects every item once to ``d`` (one
-    learned linear map, per distinct item of the batch) for the sequences only: the attentions and the
-    head's input shrink, the target keeps its full representation (unless ``target_dim``)."""
-    target_dim: int | None = None
-    """Width of the target's column in the head's input. None: the full representation ``e(t)``
-    (``D_item``). An int ``t``: a learned projection ``W_t e(t)`` of its own (not the sequences'), so the
-    head's dense input shrinks; the head's first layer on ``e(t)`` becomes rank ``t``."""
+    sequence_dim: int | None = 32
+    """Width of the items in the history attention and the code-matching sequences: every item is projected
+    once to ``d`` (one learned linear map, per distinct item of the batch) for the sequences only, so the
+    attentions and the head's input shrink. None: the full item representation (``D_item``, the paper's
+    layout; the default before qarm 0.2.0)."""
+    target_dim: int | None = 32
+    """Width of the target's column in the head's input: a learned projection ``W_t e(t)`` of its own (not the
+    sequences'), so the head's dense input is as narrow as ID-only's; the head's first layer on ``e(t)``
+    becomes rank ``t``. None: the full representation ``e(t)`` (``D_item``; the default before qarm 0.2.0).
+    The 32-d sequences and target train 1.3x and predict 1.5x faster than the paper's layout on MicroLens-50k
+    at the same test GAUC, overall, warm and cold-start (3 seeds; RESULTS.md, issue 12)."""
     side_dim: int = 8  # each user side feature and the category
     attention_hidden: tuple[int, ...] = (64, 32)  # DIN's activation unit, shared size for all attentions
     head: MMoEConfig = field(default_factory=MMoEConfig)

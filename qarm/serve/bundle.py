@@ -53,6 +53,7 @@ from qarm.data.io import atomic_write_bytes, load_dataset, write_json
 from qarm.errors import ConfigError, DataError, QarmError
 from qarm.features.examples import ExampleSource, FeatureSpec
 from qarm.features.tables import ItemTables
+from qarm.models import recorded_model_config, recorded_ranking_config
 from qarm.paths import temporary
 from qarm.train.continual import VOCABULARY_FILE
 
@@ -168,7 +169,7 @@ def export_bundle(run_dir: str | Path, models_dir: str | Path, *, row: str | Non
     say = log or (lambda line: None)
     folders = find_run(run_dir, row=row, seed=seed)
     report = json.loads((folders.run_dir / "report.json").read_text(encoding="utf-8"))
-    ranking = report["config"]
+    ranking = recorded_ranking_config(report["config"], report.get("qarm_version"))  # complete for this qarm
     model_name = ranking["model"]
     if model_name not in SERVABLE_MODELS:
         raise ConfigError(f"{folders.run_dir}: model {model_name!r} cannot be served yet; servable: "
@@ -503,6 +504,12 @@ def load_bundle(folder: str | Path) -> Bundle:
         ids = pd.read_parquet(io.BytesIO(contents[IDS_FILE]))
     except Exception as exc:  # a hash-checked file that still does not parse: a bundle of another build
         raise BundleError(f"{folder}: cannot parse its files ({type(exc).__name__}: {exc})") from exc
+    # the model settings as today's qarm reads them (a default that changed since the bundle was written
+    # keeps the value it had then)
+    version = manifest.get("qarm_version")
+    manifest["model_config"] = recorded_model_config(str(manifest["model"]), manifest["model_config"], version)
+    if isinstance(manifest.get("ranking_config"), dict):
+        manifest["ranking_config"] = recorded_ranking_config(manifest["ranking_config"], version)
     spec = manifest["spec"]
     items = ids[ids["kind"] == "item"].sort_values("id")
     users = ids[ids["kind"] == "user"].sort_values("id")

@@ -368,12 +368,14 @@ def _finished(run_dir: Path, config: RankingConfig, inputs: dict[str, Any]) -> d
 def _same_model(report: dict[str, Any], config: RankingConfig) -> bool:
     """Whether the report's model was built with the settings ``config`` resolves to now. A run's config
     lists only what differs from the defaults, so a changed default would otherwise read back runs of the
-    old model; a setting the report does not list (added to the model later) counts as its default."""
-    from qarm.models import model_config
+    old model; a setting the report does not list had its writer's default (``qarm.models.DEFAULT_CHANGES``),
+    or, added to the model later, counts as today's default."""
+    from qarm.models import model_config, recorded_model_config
 
     built = (report.get("model") or {}).get("config")
     if built is None:
         return True  # reports without the resolved settings: the run's config alone decides
+    built = recorded_model_config(config.model, built, report.get("qarm_version"))
     wanted = _plain(to_dict(model_config(config.model, config.model_config)))
     return all(_plain(built.get(key, value)) == value for key, value in wanted.items())
 

@@ -46,7 +46,7 @@ from qarm.data.io import atomic_write_bytes, write_json
 from qarm.errors import ConfigError, DataError
 from qarm.features.examples import ExampleSource
 from qarm.features.tables import OOV, ItemTables
-from qarm.models import build_model, model_config
+from qarm.models import build_model, model_config, recorded_ranking_config
 from qarm.quantize._common import check_float, check_int
 from qarm.train.trainer import TrainConfig, predict, train, validation_metrics
 
@@ -254,7 +254,8 @@ def read_last_model(path: str | Path) -> LastModel:
                     moments.setdefault(int(pid), {})[name] = f.get_tensor(key)
         optimizer_state = {"state": moments, "param_groups": meta["param_groups"]}
     tables = report.get("tables") or {}
-    return LastModel(path, report["config"], state, id_index, tables.get("digest"), tables.get("codes_version"),
+    ranking = recorded_ranking_config(report["config"], report.get("qarm_version"))  # complete for this qarm
+    return LastModel(path, ranking, state, id_index, tables.get("digest"), tables.get("codes_version"),
                      optimizer_state)
 
 

@@ -63,7 +63,7 @@ from qarm.errors import CheckpointMismatch, ConfigError, QarmError
 from qarm.evaluate import metrics as M
 from qarm.features.batch import RankingBatch
 from qarm.features.examples import ExampleSource
-from qarm.models import describe_model
+from qarm.models import describe_model, recorded_model_config
 from qarm.models.layers import required
 from qarm.optim import make_adam, sparse_tables
 from qarm.precision import PRECISIONS, Precision, autocast
@@ -429,7 +429,8 @@ class _Trainer:
                 defaults = to_dict(type(config)())
             except TypeError:  # a config without defaults for every field: nothing to fill
                 return filled
-            filled["model"] = {**model, "config": _merge_defaults(defaults, model["config"])}
+            recorded = recorded_model_config(str(model.get("name")), model["config"], None)  # old defaults first
+            filled["model"] = {**model, "config": _merge_defaults(defaults, recorded)}
         return filled
 
     def save_checkpoint(self) -> None:

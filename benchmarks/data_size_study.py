@@ -13,8 +13,13 @@ centroids per RQ level) so that nothing but N changes. The codes' gain is ``+ VQ
 vector`` in test GAUC, overall, on warm targets and on cold-start targets.
 
 Every size is a ``qarm run`` folder under ``--out`` (``n<N>``): an interrupted study resumes from the stage
-cache and the finished ranking runs. Writes ``data_size_study.json`` / ``.md`` and a PNG of the gain against
-N to ``benchmarks/results/`` (``--name``), with the machine, the configs and the seeds.
+cache and the finished ranking runs. ``--merge A.json B.json`` trains nothing: it joins the sizes of earlier
+results (a later file's size replaces an earlier one's) into one table and plot. Writes
+``data_size_study.json`` / ``.md`` and a PNG of the gain against N to ``benchmarks/results/`` (``--name``),
+with the machine, the configs and the seeds.
+
+The ranking rows train QARM's default layout of the code that runs them: the results in RESULTS.md (issue 15)
+were made before qarm 0.2.0, with the paper's layout (``sequence_dim`` and ``target_dim`` None).
 """
 
 from __future__ import annotations
@@ -142,10 +147,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="data_size_study")
     parser.add_argument("--beside", default="", help="what else ran on the machine meanwhile (for the record)")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="earlier result JSONs to join into one table and plot (nothing is trained)")
     args = parser.parse_args(argv)
 
     sizes = []
-    for n in sorted(args.exposures):
+    if args.merge:
+        by_size: dict[int, dict[str, Any]] = {}
+        for path in args.merge:
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+            for size in earlier["sizes"]:
+                by_size[int(size["exposures"])] = size | {"from": path.name, "seeds": earlier["seeds"]}
+        sizes = [by_size[n] for n in sorted(by_size)]
+        args.seeds = sorted({seed for size in sizes for seed in size["seeds"]})
+    for n in ([] if args.merge else sorted(args.exposures)):
         done = run_size(n, args)
         sizes.append(summarise(n, done["report"]) | {"wall_seconds": done["wall_seconds"]})
     overtake = [s["exposures"] for s in sizes if s["codes_gain_over_vector"].get("overall", 0.0) > 0]

@@ -125,7 +125,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("exposures in the log")
-    ax.set_ylabel("test GAUC gain of VQ & RQ over the aligned vector (points)")
+    ax.set_ylabel("test GAUC, VQ & RQ minus vector (points)")
     ax.set_title(f"Codes vs frozen vector, synthetic ({result['items']:,} items)")
     ax.legend()
     fig.tight_layout()

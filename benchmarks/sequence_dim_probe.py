@@ -1,4 +1,4 @@
-"""Test GAUC of QARM with the paper's layout against ``sequence_dim=32`` on the default synthetic run, 3 seeds.
+"""Test GAUC of QARM with the paper's layout against 32-d sequences (and target) on the default synthetic run, 3 seeds.
 
     python benchmarks/sequence_dim_probe.py      # needs runs/synthetic (qarm run); writes runs/seq32_probe/
 
@@ -14,7 +14,10 @@ import statistics
 from qarm.train.stage import RankingConfig, train_ranking
 from qarm.train.trainer import TrainConfig
 
-VARIANTS = {"QARM": ("full", {}), "QARM sequence_dim=32": ("seq32", {"sequence_dim": 32})}
+PAPER = {"sequence_dim": None, "target_dim": None}  # QARM's default before qarm 0.2.0
+VARIANTS = {"QARM, paper layout": ("full", PAPER),
+            "QARM sequence_dim=32": ("seq32", {"sequence_dim": 32, "target_dim": None}),
+            "QARM default (sequence_dim=32, target_dim=32)": ("default", {})}
 SEEDS = (0, 1, 2)
 
 

@@ -175,15 +175,11 @@ class QARMRanker(nn.Module):
         # Each distinct item of the batch is embedded (and projected) once, then gathered per use.
         unique, (target_at, history_at) = distinct(batch.item, items)
         full = self.embed_items(unique)  # (U, D)
-        if self.sequence_project is None:
-            query, history = gather_rows(full, target_at), gather_rows(full, history_at)  # (B, D), (P, D)
-        else:
-            projected = self.sequence_project(full)  # (U, d)
-            query, history = gather_rows(projected, target_at), gather_rows(projected, history_at)  # (B, d), (P, d)
+        sequence = full if self.sequence_project is None else self.sequence_project(full)  # (U, d or D)
+        query, history = gather_rows(sequence, target_at), gather_rows(sequence, history_at)  # (B, .), (P, .)
+        target = query if self.sequence_project is None else gather_rows(full, target_at)  # e(t): (B, D)
         if self.target_project is not None:  # the target's column in the head: (B, t) or (B, D)
-            target = self.target_project(gather_rows(full, target_at))
-        else:
-            target = query if self.sequence_project is None else gather_rows(full, target_at)
+            target = self.target_project(target)
         parts = [target, self.interest(query, history, row)]
         matched = None  # the code-matching sequences: the head's input columns after these parts
         if self.code_matching is not None:

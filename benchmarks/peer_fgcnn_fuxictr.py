@@ -13,7 +13,11 @@ with a message (exit 0) when the clone, the package or ``../shared/data/frappe_n
 (``--split-seed``), field codes from the training 80%, the same integer matrix for both models. Same seeds,
 embedding size, batch size, ``--epochs`` epochs, Adam (lr 1e-3), no regularisation, the FGCNN sizes of
 ``_frappe.SETTINGS`` (FuxiCTR: ``channels``, ``kernel_heights``, ``pooling_sizes``, ``recombined_channels``,
-``dnn_hidden_units``). Both pool with rounding up (10 -> 5 -> 3 -> 2 fields, 30 generated features). No
+``dnn_hidden_units``). Both pool as FuxiCTR does (10 -> 5 -> 3 -> 2 fields, 30 generated features): its
+``MaxPool2d(padding=rows % 2)``, so a short window comes first; qarm's ``pooling_round="pad"`` is the same
+(``--qarm-pooling up``: the short window last, as before). **Same function**: before training, qarm's FGCNN
+loads a FuxiCTR FGCNN's weights (``load_fuxictr_weights``) and both score test rows through their own library's
+forward; the largest probability difference is printed and kept in the results. No
 early stop: FuxiCTR's ``early_stop_patience`` is set past the epoch count. Conv batch-norm off by default
 (``--batch-norm`` turns it on in both; FuxiCTR's own default is on). After each epoch both score the 20%
 holdout: the best-AUC epoch is kept, and an epoch without a better AUC divides the learning rate by 10
@@ -122,8 +126,8 @@ def run_qarm(data: dict[str, np.ndarray], seed: int, args: argparse.Namespace, p
         return out.double().numpy()
 
     torch.manual_seed(seed)
-    config = FGCNNConfig(embedding_dim=args.dim, pooling_round="up", batch_norm=args.batch_norm, init=args.qarm_init,
-                         **SETTINGS)
+    config = FGCNNConfig(embedding_dim=args.dim, pooling_round=args.qarm_pooling, batch_norm=args.batch_norm,
+                         init=args.qarm_init, **SETTINGS)
     model = FGCNN([int(s) for s in data["sizes"]], 1, config)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR, fused=True)  # as qarm's trainer
     decay = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=DECAY, patience=0,
@@ -162,25 +166,20 @@ def run_qarm(data: dict[str, np.ndarray], seed: int, args: argparse.Namespace, p
 # -- FuxiCTR -----------------------------------------------------------------------------------------
 
 
-def run_fuxictr(data: dict[str, np.ndarray], seed: int, args: argparse.Namespace, tmp: Path) -> dict:
+def build_fuxictr(data: dict[str, np.ndarray], seed: int, args: argparse.Namespace, tmp: Path):
+    """FuxiCTR's FGCNN for qarm's Frappe codes (one categorical feature ``f<i>`` per field, the codes as its
+    indices) and the feature map it reads them through."""
     from fuxictr.features import FeatureMap
-    from fuxictr.pytorch.dataloaders import RankDataLoader
     from fuxictr.pytorch.torch_utils import seed_everything
 
     FGCNN = fuxictr_fgcnn_class(fuxictr_repo(args))
-    n_fields = data["train"].shape[1]
-    names = [f"f{i}" for i in range(n_fields)]
+    names = [f"f{i}" for i in range(data["train"].shape[1])]
     feature_map = FeatureMap("frappe", str(tmp))
     feature_map.features.update((name, {"source": "", "type": "categorical", "vocab_size": int(size)})
                                 for name, size in zip(names, data["sizes"]))
     feature_map.labels = ["label"]
     feature_map.num_fields = feature_map.get_num_fields()
     feature_map.set_column_index()
-    paths = {}
-    for split in ("train", "holdout", "test"):
-        paths[split] = str(tmp / f"{split}.npz")
-        np.savez(paths[split], label=data[f"y_{split}"], **{n: data[split][:, i] for i, n in enumerate(names)})
-
     seed_everything(seed)
     model = FGCNN(feature_map, model_id=f"FGCNN_seed{seed}", gpu=-1, learning_rate=LR, embedding_dim=args.dim,
                   channels=list(SETTINGS["channels"]), kernel_heights=list(SETTINGS["kernel_heights"]),
@@ -190,6 +189,76 @@ def run_fuxictr(data: dict[str, np.ndarray], seed: int, args: argparse.Namespace
                   loss="binary_crossentropy", metrics=["AUC", "logloss"], monitor="AUC", monitor_mode="max",
                   early_stop_patience=args.epochs + 1, reduce_lr_on_plateau=not args.no_lr_decay,
                   model_root=str(tmp / "checkpoints"), verbose=0)
+    return model, feature_map, names
+
+
+def load_fuxictr_weights(qarm_model, fuxictr_model) -> None:
+    """Copy a FuxiCTR FGCNN's parameters into qarm's (``pooling_round="pad"``, separate embeddings, linear head):
+    the per-field tables stacked in field order (qarm's one table with offsets), the convolutions' ``(C_out,
+    C_in, h, 1)`` kernels squeezed, each recombination's input columns reordered from FuxiCTR's ``(channel, row,
+    dim)`` flattening to qarm's ``(dim, row, channel)`` (both read their outputs as ``(feature, dim)``), the MLP
+    and output layer as they are."""
+    import torch
+
+    fux, net = fuxictr_model, qarm_model.network
+    names = list(fux.feature_map.features)
+    with torch.no_grad():
+        for mine, theirs in ((qarm_model.embedding, fux.embedding_layer),
+                             (qarm_model.generation_embedding, fux.fg_embedding_layer)):
+            tables = theirs.embedding_layer.embedding_layers
+            mine.table.weight.copy_(torch.cat([tables[name].weight for name in names]))
+        for conv, block in zip(net.generation.convs, fux.fgcnn_layer.conv_layers):
+            conv.weight.copy_(block[0].weight[..., 0])
+            conv.bias.copy_(block[0].bias)
+        for dense, block, rows, channels in zip(net.generation.recombine, fux.fgcnn_layer.recombine_layers,
+                                                net.generation.rows, fux.fgcnn_layer.channels[1:]):
+            weight = block[0].weight.view(-1, channels, rows, net.generation.dim)  # FuxiCTR: (out, c, row, k)
+            dense.weight.copy_(weight.permute(0, 3, 2, 1).reshape(dense.weight.shape))  # qarm: (out, k, row, c)
+            dense.bias.copy_(block[0].bias)
+        linears = [layer for layer in fux.dnn.mlp if isinstance(layer, torch.nn.Linear)]
+        for mine, theirs in zip([*(layer for layer in net.mlp if isinstance(layer, torch.nn.Linear)), net.head],
+                                linears, strict=True):
+            mine.weight.copy_(theirs.weight)
+            mine.bias.copy_(theirs.bias)
+
+
+def same_function_check(data: dict[str, np.ndarray], args: argparse.Namespace, rows: int = 4096,
+                        pooling_round: str = "pad") -> dict:
+    """qarm's FGCNN (FuxiCTR's padding: ``pooling_round="pad"``) with a FuxiCTR FGCNN's weights against that
+    FuxiCTR model, each through its own library's forward, on the first ``rows`` test rows: the largest
+    difference of their probabilities (FuxiCTR's output is a sigmoid; qarm's logits go through one). FuxiCTR's
+    embeddings are redrawn N(0, 0.5) first: at its N(0, 1e-4) initialisation every output is ~the same."""
+    import torch
+
+    from qarm.models.fgcnn import FGCNN, FGCNNConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fux, _, names = build_fuxictr(data, 0, args, Path(tmp))
+    with torch.no_grad():
+        for name, param in fux.named_parameters():
+            if "embedding" in name:
+                param.normal_(0.0, 0.5)
+    mine = FGCNN([int(s) for s in data["sizes"]], 1, FGCNNConfig(embedding_dim=args.dim, pooling_round=pooling_round,
+                                                                 batch_norm=args.batch_norm, **SETTINGS))
+    load_fuxictr_weights(mine, fux)
+    codes = torch.from_numpy(data["test"][:rows])
+    fux.eval(), mine.eval()
+    with torch.no_grad():
+        theirs = fux({name: codes[:, i] for i, name in enumerate(names)})["y_pred"][:, 0].double()
+        ours = torch.sigmoid(mine(codes)[:, 0].double())
+    return {"rows": len(codes), "max_abs_probability_difference": float((theirs - ours).abs().max()),
+            "probability_range": [float(theirs.min()), float(theirs.max())]}
+
+
+def run_fuxictr(data: dict[str, np.ndarray], seed: int, args: argparse.Namespace, tmp: Path) -> dict:
+    from fuxictr.pytorch.dataloaders import RankDataLoader
+
+    n_fields = data["train"].shape[1]
+    model, feature_map, names = build_fuxictr(data, seed, args, tmp)
+    paths = {}
+    for split in ("train", "holdout", "test"):
+        paths[split] = str(tmp / f"{split}.npz")
+        np.savez(paths[split], label=data[f"y_{split}"], **{n: data[split][:, i] for i, n in enumerate(names)})
     os.makedirs(model.model_dir, exist_ok=True)
     train_gen, valid_gen, test_gen = RankDataLoader(feature_map, stage="both", train_data=paths["train"],
                                                     valid_data=paths["holdout"], test_data=paths["test"],
@@ -287,6 +356,8 @@ def main() -> int:
     p.add_argument("--no-lr-decay", action="store_true", help="no lr decay on plateau, in both models")
     p.add_argument("--qarm-clip", type=float, default=10.0,
                    help="clip qarm's gradient norm at this value, as FuxiCTR's fit (max_gradient_norm=10); 0: off")
+    p.add_argument("--qarm-pooling", choices=("pad", "up"), default="pad",
+                   help="qarm's FGCNNConfig.pooling_round (pad: FuxiCTR's padded max-pooling, the same function)")
     p.add_argument("--qarm-init", choices=("torch", "xavier"), default="xavier",
                    help="qarm's FGCNNConfig.init (xavier: FuxiCTR's scheme)")
     p.add_argument("--calibration", choices=("temperature", "platt"), default="temperature",
@@ -322,18 +393,23 @@ def main() -> int:
         p.error(f"--models: a subset of {', '.join(MODELS)} with fuxictr_fgcnn and a qarm model; got {args.models!r}")
     data = load(args.split_seed)
     commit = _git_head(repo)
+    same = same_function_check(data, args, pooling_round=args.qarm_pooling)
+    print(f"same function: qarm's FGCNN (pooling_round={args.qarm_pooling!r}) with FuxiCTR's weights, {same['rows']:,} "
+          f"test rows: largest probability difference {same['max_abs_probability_difference']:.2e}")
     info = {"machine": machine(["fuxictr"]), "data": data_info(data),
             "config": {"embedding_dim": args.dim, "batch_size": args.batch_size, "epochs": args.epochs,
                        "optimizer": f"Adam lr {LR:g}", "selection": "best holdout AUC epoch",
                        "lr_decay": None if args.no_lr_decay else f"x{DECAY:g} per epoch without a better "
                                                                  f"holdout AUC, min {MIN_LR:g}",
-                       "batch_norm": args.batch_norm, "pooling": "round up", "qarm_init": args.qarm_init,
+                       "batch_norm": args.batch_norm, "qarm_pooling": args.qarm_pooling, "qarm_init": args.qarm_init,
                        "qarm_clip_grad_norm": args.qarm_clip, "split_seed": args.split_seed,
                        "calibration": f"{args.calibration} scaling (qarm.train.calibration) fitted on the holdout rows",
                        "models": models,
-                       "seeds": seeds, "fgcnn": SETTINGS, "fuxictr_repo": str(repo), "fuxictr_commit": commit}}
+                       "seeds": seeds, "fgcnn": SETTINGS, "fuxictr_repo": str(repo), "fuxictr_commit": commit},
+            "same_function": same}
     print(json.dumps(info, indent=1))
     worker_args = [*common_args(args), "--fuxictr-repo", str(repo), "--qarm-init", args.qarm_init,
+                   "--qarm-pooling", args.qarm_pooling,
                    "--qarm-clip", str(args.qarm_clip), "--calibration", args.calibration,
                    *(["--batch-norm"] if args.batch_norm else []), *(["--no-lr-decay"] if args.no_lr_decay else [])]
     runs = run_workers(__file__, models, seeds, worker_args,
@@ -421,9 +497,14 @@ def to_markdown(report: dict) -> str:
               f"seed {c['split_seed']}), test {d['test']:,}; {d['fields']} fields."),
              (f"Config: embedding {c['embedding_dim']}, batch {c['batch_size']}, {c['epochs']} epochs, no early stop, "
               f"best holdout AUC epoch kept; Adam lr 1e-3, lr decay: {c['lr_decay']}; conv batch-norm "
-              f"{'on' if c['batch_norm'] else 'off'}; pooling rounds up; FGCNN {c['fgcnn']}; seeds {c['seeds']}. "
+              f"{'on' if c['batch_norm'] else 'off'}; qarm's pooling_round {c.get('qarm_pooling', 'up')!r} "
+              f"(FuxiCTR pads); FGCNN {c['fgcnn']}; seeds {c['seeds']}. "
               f"Calibrated: {c['calibration']} (test rows never used); qarm_fgcnn_bf16: qarm's precision='bf16' "
               f"(bfloat16 autocast of the matrix products in training, float32 weights; float32 inference)."),
+             *([f"Same function: qarm's FGCNN with a FuxiCTR FGCNN's weights (embeddings redrawn N(0, 0.5)) gives its "
+                f"probabilities to {report['same_function']['max_abs_probability_difference']:.1e} on "
+                f"{report['same_function']['rows']:,} test rows, each through its own library's forward."]
+               if "same_function" in report else []),
              "",
              ("| model | seed | test AUC | test logloss | calibrated logloss | temperature | fit ex/s | peak RSS (MiB) "
               "| parameters | best epoch | load after |"),

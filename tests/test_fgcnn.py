@@ -21,6 +21,7 @@ from qarm.models.fgcnn import (
     FieldConvolution,
     generated_feature_count,
     pooled_field_counts,
+    pooling_windows,
 )
 from qarm.models.layers import PairwiseInnerProducts
 from qarm.train import TrainConfig, predict, train
@@ -275,6 +276,31 @@ def test_round_up_pooling_counts_frappe_as_fuxictr():
     assert model.network.products.out_features == 40 * 39 // 2
 
 
+def test_pad_pooling_pools_the_first_row_alone_as_fuxictr():
+    """FuxiCTR's MaxPool2d(padding=5 % 2 = 1): 5 rows -> windows (0), (1, 2), (3, 4); 10 fields of Frappe give
+    the same counts as rounding up (5, 3, 2 rows: 30 generated features), windows shifted."""
+    assert pooling_windows(5, 2, "pad") == [[0], [1, 2], [3, 4]]
+    assert pooling_windows(5, 2, "up") == [[0, 1], [2, 3], [4]]
+    assert pooling_windows(4, 3, "pad") == [[0, 1], [2, 3]]  # 4 % 3 = 1 row of padding each side
+    assert pooled_field_counts(10, (2, 2, 2), "pad") == [5, 3, 2]
+    gen = FeatureGeneration(5, 1, (1,), (1,), (2,), (1,), rounding="pad")
+    with torch.no_grad():
+        gen.convs[0].weight.fill_(1.0)  # a 1 x 1 identity convolution
+        gen.convs[0].bias.zero_()
+    seen = {}
+    gen.recombine[0].register_forward_hook(lambda m, inputs, out: seen.update(x=inputs[0]))
+    gen(torch.tensor([[[0.1], [0.5], [-0.2], [-0.7], [0.3]]]))  # (B=1, F=5, k=1)
+    torch.testing.assert_close(seen["x"], torch.tanh(torch.tensor([[0.1, 0.5, 0.3]])))
+
+
+def test_pad_pooling_refuses_more_padding_than_half_a_window():
+    FGCNNConfig(pooling=(3,), channels=(2,), kernel_heights=(3,), new_features=(1,),
+                pooling_round="pad").check_fields(4)  # 4 % 3 = 1 <= 1
+    with pytest.raises(ConfigError, match=r"pads 5 % 3 = 2 rows on each side of block 1's 5 rows"):
+        FGCNNConfig(pooling=(3,), channels=(2,), kernel_heights=(3,), new_features=(1,),
+                    pooling_round="pad").check_fields(5)
+
+
 def test_round_up_pools_the_last_row_alone():
     """5 rows, pooling 2 up: windows (0, 1), (2, 3), (4): the last pooled row is row 4 itself."""
     torch.manual_seed(0)
@@ -290,7 +316,7 @@ def test_round_up_pools_the_last_row_alone():
 
 def _reference_generation(gen, fields, rounding, batch_norm):
     """FGCNN's generation the textbook way: NCHW maps, F.conv2d 'same', batch-norm, tanh, F.max_pool2d
-    (ceil_mode for rounding up), dense, tanh."""
+    (ceil_mode for rounding up, FuxiCTR's padding for "pad"), dense, tanh."""
     maps = fields.unsqueeze(1)  # (B, 1, F, k)
     out = []
     for i, (conv, dense, p) in enumerate(zip(gen.convs, gen.recombine, gen.pooling)):
@@ -298,13 +324,14 @@ def _reference_generation(gen, fields, rounding, batch_norm):
         if batch_norm:
             norm = gen.norms[i]
             z = F.batch_norm(z, None, None, norm.weight, norm.bias, training=True, eps=norm.eps)
-        maps = F.max_pool2d(torch.tanh(z), (p, 1), ceil_mode=rounding == "up")  # (B, c, F_i, k)
+        pad = (z.shape[2] % p, 0) if rounding == "pad" else 0  # FuxiCTR's MaxPool2d(padding=(H % p, 0))
+        maps = F.max_pool2d(torch.tanh(z), (p, 1), padding=pad, ceil_mode=rounding == "up")  # (B, c, F_i, k)
         flat = maps.permute(0, 3, 2, 1).flatten(1)  # qarm's (k, F_i, c) order
         out.append(torch.tanh(dense(flat)).view(len(fields), -1, fields.shape[2]))
     return torch.cat(out, dim=1)
 
 
-@pytest.mark.parametrize("rounding", ["down", "up"])
+@pytest.mark.parametrize("rounding", ["down", "up", "pad"])
 @pytest.mark.parametrize("batch_norm", [False, True])
 @pytest.mark.parametrize("pooling", [(2, 2), (3, 2)])
 def test_generation_equals_conv2d_batch_norm_max_pool2d(rounding, batch_norm, pooling):
@@ -366,7 +393,7 @@ def test_xavier_init_is_fuxictr_scheme():
 
 @pytest.mark.parametrize("values, message", [
     ({"pooling_round": "nearest"},
-     "The 'pooling_round' parameter of FGCNNConfig must be one of 'down', 'up'. Got 'nearest' instead."),
+     "The 'pooling_round' parameter of FGCNNConfig must be one of 'down', 'up', 'pad'. Got 'nearest' instead."),
     ({"batch_norm": 1}, "The 'batch_norm' parameter of FGCNNConfig must be a bool."),
     ({"init": "he"}, "The 'init' parameter of FGCNNConfig must be one of 'torch', 'xavier'. Got 'he' instead."),
 ])

@@ -68,7 +68,7 @@ from qarm.models.layers import (
 from qarm.quantize._common import check_bool, check_float, check_int, check_option
 
 HEADS = ("linear", "mmoe")
-ROUNDING = ("down", "up")
+ROUNDING = ("down", "up", "pad")
 INITS = ("torch", "xavier")
 XAVIER_EMBEDDING_STD = 1e-4  # FuxiCTR's FeatureEmbedding default
 _BLOCK_PARAMS = ("channels", "kernel_heights", "pooling", "new_features")
@@ -87,8 +87,10 @@ class FGCNNConfig:
     channels: tuple[int, ...] = (14, 16)  # c_i, convolution channels per block (DeepCTR: 14, 16, 18, 20)
     kernel_heights: tuple[int, ...] = (7, 7)  # h_i, fields one convolution window spans ('same' padding)
     pooling: tuple[int, ...] = (2, 2)  # p_i, fields one max-pooling window spans
-    pooling_round: Literal["down", "up"] = "down"  # F_i = F_{i-1} // p_i, or ceil(F_{i-1} / p_i) (FuxiCTR's)
-    # ^ "up" keeps the fields a floor drops: the last window spans the remaining F_{i-1} mod p_i rows
+    pooling_round: Literal["down", "up", "pad"] = "down"  # F_i = F_{i-1} // p_i, or ceil(F_{i-1} / p_i)
+    # ^ "up" keeps the fields a floor drops: the last window spans the remaining F_{i-1} mod p_i rows; "pad" is
+    #   FuxiCTR's MaxPool2d(padding=F_{i-1} mod p_i): that many -inf rows on each side (pooling 2: ceil, the
+    #   *first* window short); it needs F_{i-1} mod p_i <= p_i // 2 at every block (PyTorch's padding limit)
     batch_norm: bool = False  # batch-norm on each convolution's output, per channel (FuxiCTR's conv_batch_norm)
     init: Literal["torch", "xavier"] = "torch"  # PyTorch's defaults, N(0, 0.01) embeddings; or FuxiCTR's scheme:
     # ^ xavier-normal weights and zero biases in every nn.Linear, N(0, 1e-4) embeddings (convolutions: PyTorch's)
@@ -126,6 +128,14 @@ class FGCNNConfig:
 
         The data-dependent check: ``n_fields`` comes from the dataset (``names`` only for the message).
         """
+        if self.pooling_round == "pad":
+            rows = n_fields
+            for i, p in enumerate(self.pooling):
+                if rows % p > p // 2:
+                    raise ConfigError(f"FGCNNConfig(pooling_round='pad') pads {rows} % {p} = {rows % p} rows on each "
+                                      f"side of block {i + 1}'s {rows} rows, more than half its pooling {p} "
+                                      f"(FuxiCTR's MaxPool2d refuses it too). Use pooling_round='up'.")
+                rows = pooled_field_counts(rows, (p,), "pad")[0]
         if n_fields < 2 or 0 in pooled_field_counts(n_fields, self.pooling, self.pooling_round):
             need = max(2, math.prod(self.pooling)) if self.pooling_round == "down" else 2
             shown = f" ({', '.join(names)})" if names else ""
@@ -137,12 +147,25 @@ class FGCNNConfig:
 def pooled_field_counts(n_fields: int, pooling: Sequence[int], rounding: str = "down") -> list[int]:
     """``[F_1, ..., F_n]``: the rows after each block's pooling, ``F_0 = n_fields`` and ``F_i = F_{i-1} // p_i``
     (``rounding="down"``: max-pooling without padding) or ``ceil(F_{i-1} / p_i)`` (``"up"``: the last window
-    takes the rows left over, as PyTorch's ``ceil_mode`` and FuxiCTR's FGCNN)."""
+    takes the rows left over, as PyTorch's ``ceil_mode``), or ``(F_{i-1} + 2 m - p_i) // p_i + 1`` with ``m =
+    F_{i-1} mod p_i`` (``"pad"``: FuxiCTR's FGCNN, ``m`` padding rows on each side; ``ceil`` for pooling 2)."""
     rows, out = n_fields, []
     for p in pooling:
-        rows = -(-rows // p) if rounding == "up" else rows // p
+        if rounding == "pad":
+            rows = (rows + 2 * (rows % p) - p) // p + 1
+        else:
+            rows = -(-rows // p) if rounding == "up" else rows // p
         out.append(rows)
     return out
+
+
+def pooling_windows(n_rows: int, p: int, rounding: str = "down") -> list[list[int]]:
+    """The input rows of each pooling window, in order: ``p`` rows from ``r p`` (``"down"``, ``"up"``: the last
+    window may be short), or from ``r p - m`` with ``m = n_rows mod p`` (``"pad"``: the first window short);
+    rows past either end are left out."""
+    start = -(n_rows % p) if rounding == "pad" else 0
+    count = pooled_field_counts(n_rows, (p,), rounding)[0]
+    return [[row for row in range(start + r * p, start + (r + 1) * p) if 0 <= row < n_rows] for r in range(count)]
 
 
 def generated_feature_count(n_fields: int, pooling: Sequence[int], new_features: Sequence[int],
@@ -215,7 +238,8 @@ class FeatureGeneration(nn.Module):
     in window-major order (slot ``j`` of every window, then slot ``j + 1``; :attr:`windows`), so the pooling is
     one max over ``p`` contiguous slices of each row, with no padding or strided copies; rounding down, the rows
     past the last full window are never computed; rounding up (``rounding="up"``), the rows past the last full
-    window are pooled on their own (the missing slots repeat the window's first row).
+    window are pooled on their own, and with FuxiCTR's padding (``"pad"``, :func:`pooling_windows`) the rows
+    before the first full one; the missing slots of a short window repeat its first row.
     The batch-norm (``nn.BatchNorm2d`` on FuxiCTR's ``(B, c, F, k)`` maps) normalises each channel over the
     examples, fields and embedding columns: a ``BatchNorm1d`` on the ``(B k F, c)`` channels-last rows, on
     the whole map before the pooling.
@@ -229,11 +253,13 @@ class FeatureGeneration(nn.Module):
         self.pooling, self.new_features, self.dim = tuple(pooling), tuple(new_features), dim
         self.batch_norm = batch_norm
         in_rows, in_channels = [n_fields, *self.rows[:-1]], [1, *channels[:-1]]
-        # The convolution's output rows in window-major order: slot j of pooled row r is row r p + j; a slot past
-        # the last row (rounding up) repeats its window's first row, which max(a, a) = a leaves exact. With
+        # The convolution's output rows in window-major order: slot j of window r is its j-th row; a slot past
+        # either end (a short window) repeats the window's first row, which max(a, a) = a leaves exact. With
         # batch-norm every row is computed (the statistics span the whole map) and gathered in this order after.
-        self.windows = [[r * p + j if r * p + j < n else r * p for j in range(p) for r in range(rows)]
-                        for n, p, rows in zip(in_rows, pooling, self.rows)]
+        self.windows = []
+        for n, p in zip(in_rows, pooling):
+            windows = pooling_windows(n, p, rounding)
+            self.windows.append([w[j] if j < len(w) else w[0] for j in range(p) for w in windows])
         self.convs = nn.ModuleList(FieldConvolution(n, c_in, c, h, None if batch_norm else order)
                                    for n, c_in, c, h, order in zip(in_rows, in_channels, channels, kernel_heights,
                                                                    self.windows))

@@ -80,7 +80,8 @@ from _frappe import (
     run_workers,
 )
 
-MODELS = ("qarm_fgcnn", "qarm_fgcnn_bf16", "fuxictr_fgcnn")
+MODELS = ("qarm_fgcnn", "qarm_fgcnn_bf16", "fuxictr_fgcnn", "fuxictr_fgcnn_qarm_loop")
+DEFAULT_MODELS = MODELS[:3]  # fuxictr_fgcnn_qarm_loop (a diagnostic: FuxiCTR's module in qarm's loop) on request
 PRECISION = {"qarm_fgcnn": "fp32", "qarm_fgcnn_bf16": "bf16"}
 METRICS = ("test_auc", "test_logloss", "test_logloss_calibrated", "fit_examples_per_s", "peak_rss_mib", "parameters")
 LR, MIN_LR, DECAY = 1e-3, 1e-6, 0.1  # FuxiCTR's BaseModel.lr_decay(factor=0.1, min_lr=1e-6)
@@ -112,42 +113,67 @@ def fuxictr_fgcnn_class(repo: Path):
 
 def run_qarm(data: dict[str, np.ndarray], seed: int, args: argparse.Namespace, precision: str = "fp32") -> dict:
     import torch
-    import torch.nn.functional as F
 
     from qarm.models.fgcnn import FGCNN, FGCNNConfig
-    from qarm.precision import autocast
-
-    def logits(model, codes: np.ndarray) -> np.ndarray:  # float32 inference (bf16 logits would tie many rows)
-        model.eval()
-        with torch.no_grad():
-            out = torch.cat([model(torch.from_numpy(codes[s:s + args.batch_size]))[:, 0]
-                             for s in range(0, len(codes), args.batch_size)])
-        model.train()
-        return out.double().numpy()
 
     torch.manual_seed(seed)
     config = FGCNNConfig(embedding_dim=args.dim, pooling_round=args.qarm_pooling, batch_norm=args.batch_norm,
                          init=args.qarm_init, **SETTINGS)
     model = FGCNN([int(s) for s in data["sizes"]], 1, config)
+    out = qarm_loop(model, lambda codes: model(codes)[:, 0], "logits", data, seed, args, precision)
+    return {**out, "generated_features": model.network.n_generated}
+
+
+def run_fuxictr_in_qarm_loop(data: dict[str, np.ndarray], seed: int, args: argparse.Namespace, tmp: Path) -> dict:
+    """FuxiCTR's FGCNN module, built and initialised as in its own run (same seed: the same initial weights),
+    trained by qarm's loop instead of its ``fit`` (its own loss on its probabilities): what the loop alone does."""
+    model, _, names = build_fuxictr(data, seed, args, tmp)
+    out = qarm_loop(model, lambda codes: model({n: codes[:, i] for i, n in enumerate(names)})["y_pred"][:, 0],
+                    "probabilities", data, seed, args, "fp32")
+    out["generated_features"] = model.compute_input_dim(args.dim, len(names), list(SETTINGS["channels"]),
+                                                        list(SETTINGS["pooling"]),
+                                                        list(SETTINGS["new_features"]))[1] - len(names)
+    return out
+
+
+def qarm_loop(model, forward, outputs: str, data: dict[str, np.ndarray], seed: int, args: argparse.Namespace,
+              precision: str) -> dict:
+    """The qarm side's training: fused Adam, a fresh permutation per (seed, epoch), ``ReduceLROnPlateau`` on the
+    holdout AUC, clipping, the best-AUC epoch restored. ``forward(codes) -> (B,)`` logits or (``outputs=
+    "probabilities"``, FuxiCTR's module) sigmoid outputs, trained with the matching binary cross-entropy."""
+    import torch
+    import torch.nn.functional as F
+
+    from qarm.precision import autocast
+
+    def scores(codes: np.ndarray) -> np.ndarray:  # float32 inference (bf16 logits would tie many rows)
+        model.eval()
+        with torch.no_grad():
+            out = torch.cat([forward(torch.from_numpy(codes[s:s + args.batch_size]))
+                             for s in range(0, len(codes), args.batch_size)])
+        model.train()
+        return out.double().numpy() if outputs == "logits" else _logit(out.numpy())
+
     optimizer = torch.optim.Adam(model.parameters(), lr=LR, fused=True)  # as qarm's trainer
     decay = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=DECAY, patience=0,
                                                        threshold=1e-6, threshold_mode="abs", min_lr=MIN_LR)
-    codes, labels = torch.from_numpy(data["train"]), torch.from_numpy(data["y_train"])
+    codes, labels = torch.from_numpy(data["train"]), torch.from_numpy(data["y_train"]).float()
+    loss_fn = F.binary_cross_entropy_with_logits if outputs == "logits" else F.binary_cross_entropy
     train_seconds, history, losses, lrs, best = 0.0, [], [], [], (-1.0, -1, None)
     for epoch in range(args.epochs):
         start = time.perf_counter()
         order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(len(codes)))
         for rows in order.split(args.batch_size):
             with autocast(precision):  # qarm.precision, as qarm's trainer (TrainConfig.precision)
-                out = model(codes[rows])
-            loss = F.binary_cross_entropy_with_logits(out[:, 0].float(), labels[rows])
+                out = forward(codes[rows])
+            loss = loss_fn(out.float(), labels[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.qarm_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.qarm_clip)
             optimizer.step()
         train_seconds += time.perf_counter() - start
-        z = logits(model, data["holdout"])
+        z = scores(data["holdout"])
         auc = float(roc_auc(data["y_holdout"], z))
         history.append(round(auc, 5))
         losses.append(round(logloss(data["y_holdout"], z), 5))
@@ -157,10 +183,9 @@ def run_qarm(data: dict[str, np.ndarray], seed: int, args: argparse.Namespace, p
         if not args.no_lr_decay:
             decay.step(auc)
     model.load_state_dict(best[2])
-    return {"test_logits": logits(model, data["test"]), "holdout_logits": logits(model, data["holdout"]),
+    return {"test_logits": scores(data["test"]), "holdout_logits": scores(data["holdout"]),
             "train_seconds": train_seconds, "holdout_auc": history, "holdout_logloss": losses, "lr": lrs,
-            "best_epoch": best[1] + 1, "model": model, "generated_features": model.network.n_generated,
-            "precision": precision}
+            "best_epoch": best[1] + 1, "model": model, "precision": precision}
 
 
 # -- FuxiCTR -----------------------------------------------------------------------------------------
@@ -323,12 +348,16 @@ def worker(name: str, seed: int, args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(1)
     data = load(args.split_seed)
-    if name == "fuxictr_fgcnn":
+    if name.startswith("fuxictr"):
         import fuxictr.pytorch.models  # noqa: F401 - imported before the memory baseline, like qarm's modules
     import qarm.models.fgcnn  # noqa: F401
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as memory:
-        out = run_qarm(data, seed, args, PRECISION[name]) if name in PRECISION \
-            else run_fuxictr(data, seed, args, Path(tmp))
+        if name in PRECISION:
+            out = run_qarm(data, seed, args, PRECISION[name])
+        elif name == "fuxictr_fgcnn_qarm_loop":
+            out = run_fuxictr_in_qarm_loop(data, seed, args, Path(tmp))
+        else:
+            out = run_fuxictr(data, seed, args, Path(tmp))
     test, holdout, model = out.pop("test_logits"), out.pop("holdout_logits"), out.pop("model")
     # Temperature scaling (qarm.train.calibration), fitted on the holdout rows the epoch was chosen on, never on test
     # rows; the same fit on FuxiCTR's outputs is reported beside (FuxiCTR itself has no calibration step).
@@ -362,8 +391,9 @@ def main() -> int:
                    help="qarm's FGCNNConfig.init (xavier: FuxiCTR's scheme)")
     p.add_argument("--calibration", choices=("temperature", "platt"), default="temperature",
                    help="qarm.train.calibration method fitted on the holdout rows (reported beside the raw log loss)")
-    p.add_argument("--models", default=",".join(MODELS),
-                   help=f"comma-separated subset of {', '.join(MODELS)} (qarm_fgcnn_bf16: qarm's precision='bf16')")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                   help=f"comma-separated subset of {', '.join(MODELS)} (qarm_fgcnn_bf16: qarm's precision='bf16'; "
+                        f"fuxictr_fgcnn_qarm_loop: FuxiCTR's module, its own initial weights, trained by qarm's loop)")
     p.add_argument("--name", default="peer_fgcnn_fuxictr", help="results file names (.md, .json) under --out")
     args = p.parse_args()
 

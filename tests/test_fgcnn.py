@@ -283,14 +283,7 @@ def test_pad_pooling_pools_the_first_row_alone_as_fuxictr():
     assert pooling_windows(5, 2, "up") == [[0, 1], [2, 3], [4]]
     assert pooling_windows(4, 3, "pad") == [[0, 1], [2, 3]]  # 4 % 3 = 1 row of padding each side
     assert pooled_field_counts(10, (2, 2, 2), "pad") == [5, 3, 2]
-    gen = FeatureGeneration(5, 1, (1,), (1,), (2,), (1,), rounding="pad")
-    with torch.no_grad():
-        gen.convs[0].weight.fill_(1.0)  # a 1 x 1 identity convolution
-        gen.convs[0].bias.zero_()
-    seen = {}
-    gen.recombine[0].register_forward_hook(lambda m, inputs, out: seen.update(x=inputs[0]))
-    gen(torch.tensor([[[0.1], [0.5], [-0.2], [-0.7], [0.3]]]))  # (B=1, F=5, k=1)
-    torch.testing.assert_close(seen["x"], torch.tanh(torch.tensor([[0.1, 0.5, 0.3]])))
+    torch.testing.assert_close(_pooled_five_rows("pad"), torch.tanh(torch.tensor([[0.1, 0.5, 0.3]])))
 
 
 def test_pad_pooling_refuses_more_padding_than_half_a_window():
@@ -303,15 +296,20 @@ def test_pad_pooling_refuses_more_padding_than_half_a_window():
 
 def test_round_up_pools_the_last_row_alone():
     """5 rows, pooling 2 up: windows (0, 1), (2, 3), (4): the last pooled row is row 4 itself."""
-    torch.manual_seed(0)
-    gen = FeatureGeneration(5, 1, (1,), (1,), (2,), (1,), rounding="up")
+    torch.testing.assert_close(_pooled_five_rows("up"), torch.tanh(torch.tensor([[0.5, -0.2, 0.3]])))
+
+
+def _pooled_five_rows(rounding: str) -> torch.Tensor:
+    """The recombination's input for rows 0.1, 0.5, -0.2, -0.7, 0.3 through a 1 x 1 identity convolution and
+    pooling 2 with ``rounding``: tanh of each window's max."""
+    gen = FeatureGeneration(5, 1, (1,), (1,), (2,), (1,), rounding=rounding)
     with torch.no_grad():
-        gen.convs[0].weight.fill_(1.0)  # a 1 x 1 identity convolution
+        gen.convs[0].weight.fill_(1.0)
         gen.convs[0].bias.zero_()
     seen = {}
     gen.recombine[0].register_forward_hook(lambda m, inputs, out: seen.update(x=inputs[0]))
     gen(torch.tensor([[[0.1], [0.5], [-0.2], [-0.7], [0.3]]]))  # (B=1, F=5, k=1)
-    torch.testing.assert_close(seen["x"], torch.tanh(torch.tensor([[0.5, -0.2, 0.3]])))
+    return seen["x"]
 
 
 def _reference_generation(gen, fields, rounding, batch_norm):

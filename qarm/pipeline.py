@@ -166,13 +166,18 @@ def run_pipeline(config: RunConfig, out: str | Path, *, fresh: bool = False, log
 
     # The QARM model as a serving bundle (`qarm serve <out>/models`); a new version each time rank re-runs.
     models_dir = out / "models"
-    stages.run("export", {"row": DEFAULT_ROW, "keep": 3}, ("rank",), models_dir / CURRENT_FILE,
-               lambda: export_bundle(out, models_dir, row=DEFAULT_ROW, keep=3, log=log))
+    ranking = json.loads((rank_dir / f"{ABLATION_FILE}.json").read_text())
+    if DEFAULT_ROW in ranking["variants"]:
+        stages.run("export", {"row": DEFAULT_ROW, "keep": 3}, ("rank",), models_dir / CURRENT_FILE,
+                   lambda: export_bundle(out, models_dir, row=DEFAULT_ROW, keep=3, log=log))
+    else:  # rank.rows without QARM's row: nothing of the default to serve (the ranking itself is kept)
+        stages.state["export"] = "skipped"
+        log(f"export: skipped (rank.rows has no '{DEFAULT_ROW}' row; `qarm export {out} --to {models_dir} --row "
+            f"ROW` exports one of {list(ranking['variants'])})")
 
     start = time.perf_counter()
     align_report = json.loads((align_dir / "align_report.json").read_text())
     quantize_quality = json.loads((quantize_dir / "quality.json").read_text())
-    ranking = json.loads((rank_dir / f"{ABLATION_FILE}.json").read_text())
     stages.state["report"] = "ran"
     report = {
         "qarm_version": __version__,

@@ -147,5 +147,11 @@ def test_run_from_a_prepared_folder_reads_it_and_never_writes_it(tmp_path: Path)
     assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
     again = invoke("run", "--data", str(data), "--out", str(out), *fast)
     assert "align: cached" in again.output and "rank: cached" in again.output
+    # rows without QARM's: the ranking is kept, the export skipped with a message, not an error
+    id_only = invoke("run", "--data", str(data), "--out", str(out), *fast, "--set", 'rank.rows=["ID-only"]')
+    assert id_only.exit_code == 0, id_only.output
+    assert "export: skipped (rank.rows has no '+ VQ & RQ' row" in id_only.output
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["ranking"]["variants"]) == ["ID-only"] and report["stages"]["export"] == "skipped"
     refused = invoke("run", "--data", str(data), "--source", str(data), "--out", str(out))
     assert refused.exit_code == 2 and "exclude each other" in refused.output

@@ -114,26 +114,28 @@ def fuxictr_fgcnn_class(repo: Path):
 def run_qarm(data: dict[str, np.ndarray], seed: int, args: argparse.Namespace, precision: str = "fp32") -> dict:
     import torch
 
-    from qarm.models.fgcnn import FGCNN, FGCNNConfig
-
     torch.manual_seed(seed)
-    config = FGCNNConfig(embedding_dim=args.dim, pooling_round=args.qarm_pooling, batch_norm=args.batch_norm,
-                         init=args.qarm_init, **SETTINGS)
-    model = FGCNN([int(s) for s in data["sizes"]], 1, config)
+    model = build_qarm(data, args, args.qarm_pooling)
     out = qarm_loop(model, lambda codes: model(codes)[:, 0], "logits", data, seed, args, precision)
     return {**out, "generated_features": model.network.n_generated}
+
+
+def build_qarm(data: dict[str, np.ndarray], args: argparse.Namespace, pooling_round: str):
+    """qarm's FGCNN for the Frappe codes, the benchmark's sizes and options."""
+    from qarm.models.fgcnn import FGCNN, FGCNNConfig
+
+    config = FGCNNConfig(embedding_dim=args.dim, pooling_round=pooling_round, batch_norm=args.batch_norm,
+                         init=args.qarm_init, **SETTINGS)
+    return FGCNN([int(s) for s in data["sizes"]], 1, config)
 
 
 def run_fuxictr_in_qarm_loop(data: dict[str, np.ndarray], seed: int, args: argparse.Namespace, tmp: Path) -> dict:
     """FuxiCTR's FGCNN module, built and initialised as in its own run (same seed: the same initial weights),
     trained by qarm's loop instead of its ``fit`` (its own loss on its probabilities): what the loop alone does."""
     model, _, names = build_fuxictr(data, seed, args, tmp)
-    out = qarm_loop(model, lambda codes: model({n: codes[:, i] for i, n in enumerate(names)})["y_pred"][:, 0],
-                    "probabilities", data, seed, args, "fp32")
-    out["generated_features"] = model.compute_input_dim(args.dim, len(names), list(SETTINGS["channels"]),
-                                                        list(SETTINGS["pooling"]),
-                                                        list(SETTINGS["new_features"]))[1] - len(names)
-    return out
+    out = qarm_loop(model, lambda codes: fuxictr_probabilities(model, names, codes), "probabilities", data, seed,
+                    args, "fp32")
+    return {**out, "generated_features": fuxictr_generated_features(model, len(names), args)}
 
 
 def qarm_loop(model, forward, outputs: str, data: dict[str, np.ndarray], seed: int, args: argparse.Namespace,
@@ -255,21 +257,18 @@ def same_function_check(data: dict[str, np.ndarray], args: argparse.Namespace, r
     embeddings are redrawn N(0, 0.5) first: at its N(0, 1e-4) initialisation every output is ~the same."""
     import torch
 
-    from qarm.models.fgcnn import FGCNN, FGCNNConfig
-
     with tempfile.TemporaryDirectory() as tmp:
         fux, _, names = build_fuxictr(data, 0, args, Path(tmp))
     with torch.no_grad():
         for name, param in fux.named_parameters():
             if "embedding" in name:
                 param.normal_(0.0, 0.5)
-    mine = FGCNN([int(s) for s in data["sizes"]], 1, FGCNNConfig(embedding_dim=args.dim, pooling_round=pooling_round,
-                                                                 batch_norm=args.batch_norm, **SETTINGS))
+    mine = build_qarm(data, args, pooling_round)
     load_fuxictr_weights(mine, fux)
     codes = torch.from_numpy(data["test"][:rows])
     fux.eval(), mine.eval()
     with torch.no_grad():
-        theirs = fux({name: codes[:, i] for i, name in enumerate(names)})["y_pred"][:, 0].double()
+        theirs = fuxictr_probabilities(fux, names, codes).double()
         ours = torch.sigmoid(mine(codes)[:, 0].double())
     return {"rows": len(codes), "max_abs_probability_difference": float((theirs - ours).abs().max()),
             "probability_range": [float(theirs.min()), float(theirs.max())]}
@@ -307,15 +306,26 @@ def run_fuxictr(data: dict[str, np.ndarray], seed: int, args: argparse.Namespace
     start = time.perf_counter()
     model.fit(train_gen, epochs=args.epochs, validation_data=valid_gen)  # ends by loading the best checkpoint
     train_seconds = time.perf_counter() - start - eval_seconds[0]
-    total = model.compute_input_dim(args.dim, n_fields, list(SETTINGS["channels"]), list(SETTINGS["pooling"]),
-                                    list(SETTINGS["new_features"]))[1]
     best, best_epoch = -np.inf, 0
     for epoch, auc in enumerate(history):  # the checkpoint fit keeps: better by more than its min_delta, 1e-6
         if auc >= best + 1e-6:
             best, best_epoch = auc, epoch + 1
     return {"test_logits": _logit(model.predict(test_gen)), "holdout_logits": _logit(model.predict(valid_gen)),
             "train_seconds": train_seconds, "holdout_auc": [round(a, 5) for a in history], "holdout_logloss": losses,
-            "lr": lrs, "best_epoch": best_epoch, "model": model, "generated_features": total - n_fields}
+            "lr": lrs, "best_epoch": best_epoch, "model": model,
+            "generated_features": fuxictr_generated_features(model, n_fields, args)}
+
+
+def fuxictr_probabilities(model, names: list[str], codes):
+    """FuxiCTR's forward on a ``(B, F)`` code matrix (one feature ``names[i]`` per column): ``(B,)`` sigmoids."""
+    return model({name: codes[:, i] for i, name in enumerate(names)})["y_pred"][:, 0]
+
+
+def fuxictr_generated_features(model, n_fields: int, args: argparse.Namespace) -> int:
+    """The features FuxiCTR's FGCNN generates, by its own count (``compute_input_dim``)."""
+    total = model.compute_input_dim(args.dim, n_fields, list(SETTINGS["channels"]), list(SETTINGS["pooling"]),
+                                    list(SETTINGS["new_features"]))[1]
+    return int(total) - n_fields
 
 
 def _logit(probabilities: np.ndarray) -> np.ndarray:

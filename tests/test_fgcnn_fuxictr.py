@@ -33,7 +33,8 @@ def peer(shared_data):
         data = sys.modules["_frappe"].load(0)
     finally:
         sys.path.remove(str(BENCHMARKS))
-    args = argparse.Namespace(dim=16, batch_norm=False, epochs=2, no_lr_decay=False, fuxictr_repo=Path(repo))
+    args = argparse.Namespace(dim=16, batch_norm=False, epochs=2, no_lr_decay=False, qarm_init="xavier",
+                              fuxictr_repo=Path(repo))
     return module, data, args
 
 

@@ -128,14 +128,13 @@ class FGCNNConfig:
 
         The data-dependent check: ``n_fields`` comes from the dataset (``names`` only for the message).
         """
-        if self.pooling_round == "pad":
-            rows = n_fields
-            for i, p in enumerate(self.pooling):
+        if self.pooling_round == "pad":  # each block's input rows: n_fields, then the counts after each pooling
+            in_rows = [n_fields, *pooled_field_counts(n_fields, self.pooling, "pad")]
+            for i, (rows, p) in enumerate(zip(in_rows, self.pooling)):
                 if rows % p > p // 2:
                     raise ConfigError(f"FGCNNConfig(pooling_round='pad') pads {rows} % {p} = {rows % p} rows on each "
                                       f"side of block {i + 1}'s {rows} rows, more than half its pooling {p} "
                                       f"(FuxiCTR's MaxPool2d refuses it too). Use pooling_round='up'.")
-                rows = pooled_field_counts(rows, (p,), "pad")[0]
         if n_fields < 2 or 0 in pooled_field_counts(n_fields, self.pooling, self.pooling_round):
             need = max(2, math.prod(self.pooling)) if self.pooling_round == "down" else 2
             shown = f" ({', '.join(names)})" if names else ""
